@@ -1,0 +1,132 @@
+#include "context.h"
+
+#include <algorithm>
+#include <string>
+#include <thread>
+
+#include "errors.h"
+#include "runtime.h"
+
+namespace llama_steer {
+
+namespace {
+void free_batch(llama_batch* b) { llama_batch_free(*b); }
+}  // namespace
+
+Context::Context(std::shared_ptr<Model> model, const ContextParams& params) : model_(std::move(model)), params_(params) {
+    runtime_init();
+    if (params_.n_ctx < 8) throw InvalidArgument("n_ctx must be at least 8");
+    if (params_.n_batch < 1 || params_.n_ubatch < 1) throw InvalidArgument("n_batch and n_ubatch must be positive");
+    if (params_.n_seq_max < 1) throw InvalidArgument("n_seq_max must be positive");
+    if (params_.n_threads <= 0) {
+        params_.n_threads = static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+    }
+    params_.n_ubatch = std::min(params_.n_ubatch, params_.n_batch);
+
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = static_cast<uint32_t>(params_.n_ctx);
+    cp.n_batch = static_cast<uint32_t>(params_.n_batch);
+    cp.n_ubatch = static_cast<uint32_t>(params_.n_ubatch);
+    cp.n_seq_max = static_cast<uint32_t>(params_.n_seq_max);
+    cp.n_threads = params_.n_threads;
+    cp.n_threads_batch = params_.n_threads;
+    cp.embeddings = params_.embeddings;
+    cp.no_perf = false;
+    // One cache shared by all sequences: its size is n_ctx whatever
+    // n_seq_max is, and sequences can share a prefix through seq_cp.
+    cp.kv_unified = true;
+    ctx_.reset(llama_init_from_model(model_->get(), cp));
+    if (!ctx_) throw DecodeError("llama.cpp could not create a context (n_ctx too large for memory?)");
+    // llama.cpp pads n_ctx and caps n_batch by it: keep what it chose.
+    n_ctx_ = static_cast<int32_t>(llama_n_ctx(ctx_.get()));
+    params_.n_ctx = n_ctx_;
+    params_.n_batch = static_cast<int32_t>(llama_n_batch(ctx_.get()));
+    params_.n_ubatch = static_cast<int32_t>(llama_n_ubatch(ctx_.get()));
+    batch_ = llama_batch_init(params_.n_batch, 0, 1);
+    batch_guard_ = {&batch_, free_batch};
+}
+
+void Context::close() {
+    ctx_.reset();
+    batch_guard_.reset();
+    batch_ = llama_batch{};
+}
+
+llama_context* Context::get() {
+    if (!ctx_) throw ClosedError("the model is closed");
+    return ctx_.get();
+}
+
+void Context::check_seq(llama_seq_id seq) const {
+    if (seq < 0 || seq >= params_.n_seq_max) {
+        throw InvalidArgument("sequence id " + std::to_string(seq) + " is out of range [0, " +
+                              std::to_string(params_.n_seq_max) + ")");
+    }
+}
+
+void Context::clear() { llama_memory_clear(llama_get_memory(get()), true); }
+
+void Context::seq_rm(llama_seq_id seq, llama_pos p0, llama_pos p1) {
+    if (seq != -1) check_seq(seq);
+    if (!llama_memory_seq_rm(llama_get_memory(get()), seq, p0, p1)) {
+        throw Error("could not remove positions from sequence " + std::to_string(seq));
+    }
+}
+
+void Context::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
+    check_seq(src);
+    check_seq(dst);
+    llama_memory_seq_cp(llama_get_memory(get()), src, dst, p0, p1);
+}
+
+void Context::run(int32_t n) {
+    batch_.n_tokens = n;
+    const int32_t rc = llama_decode(ctx_.get(), batch_);
+    if (rc == 1) throw ContextOverflowError("no room left in the KV cache (n_ctx " + std::to_string(n_ctx_) + ")");
+    if (rc == -1) throw InvalidArgument("llama.cpp rejected the batch as invalid");
+    if (rc != 0) throw DecodeError("llama_decode failed with code " + std::to_string(rc));
+}
+
+void Context::decode(const BatchTokens& b) {
+    get();
+    const size_t n = b.tokens.size();
+    if (n == 0) throw InvalidArgument("cannot decode an empty batch");
+    if (b.pos.size() != n || b.seq.size() != n || b.output.size() != n) {
+        throw InvalidArgument("tokens, pos, seq and output must have the same length");
+    }
+    for (size_t i = 0; i < n; ++i) {
+        model_->check_token(b.tokens[i]);
+        check_seq(b.seq[i]);
+        if (b.pos[i] < 0) throw InvalidArgument("positions must be non-negative");
+        if (b.pos[i] >= n_ctx_) {
+            throw ContextOverflowError("position " + std::to_string(b.pos[i]) + " does not fit the context of " +
+                                       std::to_string(n_ctx_) + " tokens");
+        }
+    }
+    for (size_t start = 0; start < n; start += static_cast<size_t>(params_.n_batch)) {
+        const size_t end = std::min(n, start + static_cast<size_t>(params_.n_batch));
+        for (size_t i = start; i < end; ++i) {
+            const size_t j = i - start;
+            batch_.token[j] = b.tokens[i];
+            batch_.pos[j] = b.pos[i];
+            batch_.n_seq_id[j] = 1;
+            batch_.seq_id[j][0] = b.seq[i];
+            batch_.logits[j] = b.output[i];
+        }
+        run(static_cast<int32_t>(end - start));
+    }
+}
+
+void Context::decode_step(const std::vector<llama_token>& tokens, const std::vector<llama_pos>& pos,
+                          const std::vector<llama_seq_id>& seq) {
+    BatchTokens b{tokens, pos, seq, std::vector<int8_t>(tokens.size(), 1)};
+    decode(b);
+}
+
+const float* Context::logits(int32_t i) {
+    const float* out = llama_get_logits_ith(get(), i);
+    if (out == nullptr) throw InvalidArgument("no logits for batch row " + std::to_string(i));
+    return out;
+}
+
+}  // namespace llama_steer

@@ -1,0 +1,76 @@
+// A llama.cpp context over a shared Model: the KV cache, decode, logits and
+// sampling. One Context serves many sequences (seq ids 0..n_seq_max-1).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "llama-cpp.h"
+#include "model.h"
+
+namespace llama_steer {
+
+struct ContextParams {
+    int32_t n_ctx = 4096;
+    int32_t n_batch = 512;
+    int32_t n_ubatch = 512;
+    int32_t n_seq_max = 16;
+    int32_t n_threads = 0;  // 0: all cores
+    bool embeddings = false;
+};
+
+// One token of a batch: which sequence, where, and whether logits are kept.
+struct BatchTokens {
+    std::vector<llama_token> tokens;
+    std::vector<llama_pos> pos;
+    std::vector<llama_seq_id> seq;
+    std::vector<int8_t> output;
+};
+
+class Context {
+public:
+    Context(std::shared_ptr<Model> model, const ContextParams& params);
+    ~Context() = default;
+    Context(const Context&) = delete;
+    Context& operator=(const Context&) = delete;
+
+    // Frees the context; idempotent. Every later call raises ClosedError.
+    void close();
+    bool closed() const { return !ctx_; }
+
+    const Model& model() const { return *model_; }
+    std::shared_ptr<Model> model_ptr() const { return model_; }
+    llama_context* get();  // raises ClosedError when closed
+    int32_t n_ctx() const { return n_ctx_; }
+    int32_t n_seq_max() const { return params_.n_seq_max; }
+    int32_t n_threads() const { return params_.n_threads; }
+
+    // KV cache management.
+    void clear();
+    void seq_rm(llama_seq_id seq, llama_pos p0, llama_pos p1);
+    void seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1);
+
+    // Decodes the batch in chunks of n_batch. After it, logits(i) holds the
+    // row of each token i whose output flag was set (of the last chunk only,
+    // so callers put outputs in the final chunk or decode in one go).
+    void decode(const BatchTokens& batch);
+    // Decodes one token per listed sequence, each with its logits kept.
+    void decode_step(const std::vector<llama_token>& tokens, const std::vector<llama_pos>& pos,
+                     const std::vector<llama_seq_id>& seq);
+    // Logits of batch row i (negative: from the end) of the last decode.
+    const float* logits(int32_t i);
+
+private:
+    void check_seq(llama_seq_id seq) const;
+    void run(int32_t n);
+
+    std::shared_ptr<Model> model_;
+    ContextParams params_;
+    llama_context_ptr ctx_;
+    int32_t n_ctx_ = 0;
+    llama_batch batch_{};
+    std::unique_ptr<llama_batch, void (*)(llama_batch*)> batch_guard_{nullptr, nullptr};
+};
+
+}  // namespace llama_steer

@@ -1,0 +1,48 @@
+// A loaded GGUF model: weights, vocabulary and metadata. Immutable once
+// loaded, so contexts share it through std::shared_ptr and it outlives each
+// of them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "llama-cpp.h"
+
+namespace llama_steer {
+
+class Model {
+public:
+    Model(const std::string& path, int32_t n_gpu_layers);
+
+    const llama_model* get() const { return model_.get(); }
+    llama_model* get() { return model_.get(); }
+    const llama_vocab* vocab() const { return vocab_; }
+
+    int32_t n_layer() const { return llama_model_n_layer(model_.get()); }
+    int32_t n_embd() const { return llama_model_n_embd(model_.get()); }
+    int32_t n_vocab() const { return llama_vocab_n_tokens(vocab_); }
+    int32_t n_ctx_train() const { return llama_model_n_ctx_train(model_.get()); }
+    uint64_t size() const { return llama_model_size(model_.get()); }
+    uint64_t n_params() const { return llama_model_n_params(model_.get()); }
+    std::string meta(const std::string& key) const;  // "" if absent
+    std::string chat_template() const;               // "" if none
+    std::string builtin_template_for_arch() const;   // "" if llama.cpp has none
+
+    std::vector<llama_token> tokenize(const std::string& text, bool add_special, bool parse_special) const;
+    // Raw bytes of one token (may be part of a multi-byte UTF-8 character).
+    std::string token_to_piece(llama_token token, bool special) const;
+    std::string detokenize(const std::vector<llama_token>& tokens, bool remove_special, bool unparse_special) const;
+    // messages: (role, content) pairs; uses the model's own template.
+    std::string apply_chat_template(const std::vector<std::pair<std::string, std::string>>& messages,
+                                    bool add_generation_prompt) const;
+    bool is_eog(llama_token token) const { return llama_vocab_is_eog(vocab_, token); }
+    void check_token(llama_token token) const;
+
+private:
+    llama_model_ptr model_;
+    const llama_vocab* vocab_ = nullptr;
+};
+
+}  // namespace llama_steer

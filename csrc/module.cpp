@@ -1,0 +1,14 @@
+#include "bindings.h"
+#include "runtime.h"
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "llama-steer's compiled core: thin classes over a patched llama.cpp (no policy here).";
+    llama_steer::register_errors(m);
+    llama_steer::register_model(m);
+    llama_steer::register_context(m);
+    m.def("set_log_level", &llama_steer::set_log_level, "0 debug, 1 info, 2 warn, 3 error, 4 none");
+    m.def("log_level", &llama_steer::log_level);
+#ifdef LLAMA_STEER_VERSION
+    m.attr("__version__") = LLAMA_STEER_VERSION;
+#endif
+}

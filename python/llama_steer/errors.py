@@ -1,0 +1,58 @@
+"""llama-steer's one exception hierarchy.
+
+Every failure the package reports is a :class:`LlamaSteerError` (or a
+subclass), except bad arguments, which are :class:`ValueError` (and
+:class:`TypeError` for the wrong type). The compiled core raises these same
+classes: its C++ exceptions are mapped onto them in ``csrc/bind_errors.cpp``.
+"""
+
+from __future__ import annotations
+
+
+class LlamaSteerError(Exception):
+    """Base class of every error raised by llama-steer."""
+
+
+class ModelLoadError(LlamaSteerError, OSError):
+    """A model file is missing, truncated, not a GGUF, or not loadable."""
+
+
+class ContextOverflowError(LlamaSteerError):
+    """A prompt or a generation does not fit into the context window."""
+
+
+class DecodeError(LlamaSteerError):
+    """llama.cpp failed to evaluate a batch or to create a context."""
+
+
+class ClosedError(LlamaSteerError):
+    """The model (or another resource) was used after ``close()``."""
+
+
+class SteeringError(LlamaSteerError):
+    """Steering was refused (a model without the hook, no free slot, ...)."""
+
+
+class VectorFileError(LlamaSteerError):
+    """A control-vector file is malformed or does not fit the model."""
+
+
+class DatasetError(LlamaSteerError, ValueError):
+    """A pairs or evaluation dataset is malformed."""
+
+
+class DownloadError(LlamaSteerError):
+    """A bundled model could not be fetched or failed its hash check."""
+
+
+__all__ = [
+    "LlamaSteerError",
+    "ModelLoadError",
+    "ContextOverflowError",
+    "DecodeError",
+    "ClosedError",
+    "SteeringError",
+    "VectorFileError",
+    "DatasetError",
+    "DownloadError",
+]

@@ -1,0 +1,283 @@
+"""``Model``: a GGUF model and its llama.cpp context, sampled token by token."""
+
+from __future__ import annotations
+
+import codecs
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from .errors import ClosedError, ContextOverflowError, LlamaSteerError
+from .sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+Message = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Token:
+    """One sampled token.
+
+    ``text`` is the text this token completes: empty while a multi-byte UTF-8
+    character is still split across tokens, and never a broken character.
+    ``logprob`` is the token's log-probability under the model's own
+    (untempered) distribution at that step.
+    """
+
+    id: int
+    text: str
+    logprob: float
+
+
+class Model:
+    """A quantized GGUF model loaded through llama.cpp.
+
+    ``n_ctx`` is the context window shared by all sequences, ``n_threads``
+    defaults to every core, ``n_gpu_layers`` offloads layers on a CUDA or
+    Metal build. Use as a context manager or call :meth:`close`; after that
+    every method raises :class:`~llama_steer.errors.ClosedError`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_batch: int = 512,
+        n_seq_max: int = 16,
+    ) -> None:
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
+            raise ValueError(f"n_threads must be a positive int or None, got {n_threads!r}")
+        if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+            raise ValueError(f"n_gpu_layers must be an int >= -1, got {n_gpu_layers!r}")
+        self._path = Path(path)
+        self._model: _core.Model | None = _core.Model(str(self._path), n_gpu_layers)
+        params = _core.ContextParams()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads or 0
+        self._ctx: _core.Context | None = _core.Context(self._model, params)
+        self._generation = 0  # bumped by every new generation; see _decode_prompt
+
+    @classmethod
+    def default(cls, name: str = "smollm2-135m", **kwargs: Any) -> Model:
+        """Load a bundled model (see :func:`llama_steer.default_model_path`)."""
+        from .weights import default_model_path
+
+        return cls(default_model_path(name), **kwargs)
+
+    # -- lifetime -----------------------------------------------------------
+    def close(self) -> None:
+        """Free the context and the weights. Idempotent."""
+        if self._ctx is not None:
+            self._ctx.close()
+        self._ctx = None
+        self._model = None
+
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.arch}, {self.n_layer} layers, n_embd {self.n_embd}"
+        return f"Model({str(self._path)!r}, {state})"
+
+    @property
+    def _m(self) -> _core.Model:
+        if self._model is None:
+            raise ClosedError("the model is closed")
+        return self._model
+
+    @property
+    def _c(self) -> _core.Context:
+        if self._ctx is None:
+            raise ClosedError("the model is closed")
+        return self._ctx
+
+    # -- metadata -----------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def n_layer(self) -> int:
+        return int(self._m.n_layer)
+
+    @property
+    def n_embd(self) -> int:
+        return int(self._m.n_embd)
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self._m.n_vocab)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self._c.n_ctx)
+
+    @property
+    def arch(self) -> str:
+        return str(self._m.meta("general.architecture"))
+
+    @property
+    def name(self) -> str:
+        return str(self._m.meta("general.name")) or self._path.stem
+
+    @property
+    def chat_template(self) -> str | None:
+        return str(self._m.chat_template) or None
+
+    # -- text ---------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds BOS where the model wants it."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        return list(self._m.tokenize(text, add_special, parse_special))
+
+    def detokenize(self, ids: Sequence[int], *, special: bool = False) -> str:
+        """Text of token ids; special tokens are dropped unless ``special``."""
+        raw = self._m.detokenize([int(i) for i in ids], not special, special)
+        return bytes(raw).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """Format ``[{"role": ..., "content": ...}, ...]`` with the model's template."""
+        pairs = []
+        for i, msg in enumerate(messages):
+            try:
+                pairs.append((str(msg["role"]), str(msg["content"])))
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"message {i} needs 'role' and 'content' keys") from exc
+        if not pairs:
+            raise ValueError("messages is empty")
+        return str(self._m.apply_chat_template(pairs, add_generation_prompt))
+
+    def _prompt_tokens(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            # Chat-formatted prompts carry their special tokens as text.
+            tokens = self.tokenize(prompt, add_special=True, parse_special=True)
+        else:
+            tokens = [int(t) for t in prompt]
+        if not tokens or (isinstance(prompt, str) and not prompt):
+            raise ValueError("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx} (leave room to generate)"
+            )
+        return tokens
+
+    # -- evaluation ---------------------------------------------------------
+    def _decode_prompt(self, tokens: Sequence[int], seq: int = 0) -> int:
+        """Start a new generation on ``seq``: clear the cache and decode."""
+        ctx = self._c
+        self._generation += 1
+        ctx.clear()
+        n = len(tokens)
+        ctx.decode(_core.BatchTokens(list(tokens), list(range(n)), [seq] * n, [0] * (n - 1) + [1]))
+        return self._generation
+
+    def logits(self, prompt: Prompt) -> npt.NDArray[np.float32]:
+        """Next-token logits after ``prompt``: float32 array of shape [n_vocab]."""
+        tokens = self._prompt_tokens(prompt)
+        self._decode_prompt(tokens)
+        return np.asarray(self._c.logits(-1), dtype=np.float32)
+
+    def generate(self, prompt: Prompt, **sampling: Any) -> Iterator[Token]:
+        """Sample from ``prompt`` token by token.
+
+        Keyword arguments are those of :class:`SamplingParams` (``max_tokens``,
+        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repeat_penalty``,
+        ``seed``, ``stop``). Stops at an end-of-generation token, a stop
+        string (not included in the output), ``max_tokens`` or the end of the
+        context. Breaking out of the loop leaves the model usable; starting
+        another generation ends this one.
+        """
+        params = SamplingParams.from_kwargs(**sampling)
+        tokens = self._prompt_tokens(prompt)
+        return self._generate(tokens, params)
+
+    def complete(self, prompt: Prompt, **sampling: Any) -> str:
+        """The text :meth:`generate` produces, joined."""
+        return "".join(t.text for t in self.generate(prompt, **sampling))
+
+    def _generate(self, tokens: list[int], params: SamplingParams) -> Iterator[Token]:
+        ctx, model = self._c, self._m
+        sampler = params.make_sampler(model.n_vocab)
+        generation = self._decode_prompt(tokens)
+        stream = _TextStream(params.stop)
+        pos = len(tokens)
+        # Each token is yielded once the next one is sampled (or the end is
+        # reached), so text still held back at the end (a split character,
+        # a possible stop-string start) is attached to the last real token.
+        held: tuple[int, str, float] | None = None
+        for _ in range(params.max_tokens):
+            token_id, logprob = sampler.sample(ctx, -1)
+            if model.is_eog(token_id):
+                break
+            text, stopped = stream.push(bytes(model.token_to_piece(token_id, False)))
+            if held is not None:
+                yield Token(*held)
+                if generation != self._generation:
+                    raise LlamaSteerError("this generation was ended by a newer call on the same model")
+            held = (token_id, text, float(logprob))
+            if stopped:
+                break
+            if pos + 1 >= ctx.n_ctx:
+                break  # the context is full: nothing more can be decoded
+            ctx.decode_step([token_id], [pos], [0])
+            pos += 1
+        if held is not None:
+            yield Token(held[0], held[1] + stream.flush(), held[2])
+
+class _TextStream:
+    """Turns token bytes into text: whole UTF-8 characters only, and text
+    held back while it could still be the start of a stop string."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = list(stop)
+        self._pending = ""
+
+    def push(self, piece: bytes) -> tuple[str, bool]:
+        self._pending += self._decoder.decode(piece)
+        if not self._stop:
+            out, self._pending = self._pending, ""
+            return out, False
+        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            out = self._pending[: min(hits)]
+            self._pending = ""
+            self._decoder.reset()  # flush() adds nothing after a stop
+            return out, True
+        hold = 0
+        for s in self._stop:
+            for k in range(min(len(s) - 1, len(self._pending)), hold, -1):
+                if self._pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return out

@@ -1,0 +1,87 @@
+"""Sampling parameters: validated once in Python, then handed to llama.cpp's
+sampler chain in the core."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from . import _core
+
+_MAX_SEED = 0xFFFFFFFE  # 0xFFFFFFFF is llama.cpp's "random seed"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn. ``temperature=0`` is greedy and deterministic."""
+
+    max_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, minimum=0)
+        _check_float("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_int("top_k", self.top_k, minimum=0)
+        _check_float("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_float("min_p", self.min_p)
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        _check_float("repeat_penalty", self.repeat_penalty)
+        if self.repeat_penalty <= 0:
+            raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+            if self.seed > _MAX_SEED:
+                raise ValueError(f"seed must be <= {_MAX_SEED}, got {self.seed}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
+        stop = kwargs.pop("stop", None)
+        if stop is None:
+            stop_t: tuple[str, ...] = ()
+        elif isinstance(stop, str):
+            stop_t = (stop,)
+        else:
+            stop_t = tuple(stop)
+        unknown = set(kwargs) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
+        return cls(stop=stop_t, **kwargs)
+
+    def make_sampler(self, n_vocab: int) -> _core.Sampler:
+        p = _core.SamplerParams()
+        p.temperature = float(self.temperature)
+        p.top_k = int(self.top_k)
+        p.top_p = float(self.top_p)
+        p.min_p = float(self.min_p)
+        p.repeat_penalty = float(self.repeat_penalty)
+        p.seed = 0xFFFFFFFF if self.seed is None else int(self.seed)
+        return _core.Sampler(p, n_vocab)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")

@@ -1,0 +1,42 @@
+"""Shared fixtures: real bundled models, loaded once per session (no mocks)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import llama_steer as ls
+
+N_THREADS = 2
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return ls.default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    return ls.default_model_path("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def model(model_path: Path) -> Iterator[ls.Model]:
+    with ls.Model(model_path, n_ctx=2048, n_threads=N_THREADS) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_path: Path) -> Iterator[ls.Model]:
+    with ls.Model(gemma_path, n_ctx=2048, n_threads=N_THREADS) as m:
+        yield m
+
+
+@pytest.fixture(params=["smollm2", "gemma3"])
+def any_model(request: pytest.FixtureRequest) -> ls.Model:
+    """Each test using it runs on both architectures."""
+    name = "model" if request.param == "smollm2" else "gemma"
+    m: ls.Model = request.getfixturevalue(name)
+    return m
