@@ -41,6 +41,8 @@ void register_context(py::module_& m) {
         .def("decode", &Context::decode, py::arg("batch"), py::call_guard<py::gil_scoped_release>())
         .def("decode_step", &Context::decode_step, py::arg("tokens"), py::arg("pos"), py::arg("seq"),
              py::call_guard<py::gil_scoped_release>())
+        .def("set_upstream_cvec", &Context::set_upstream_cvec, py::arg("data"), py::arg("il_start"),
+             py::arg("il_end"))
         .def(
             "logits",
             [](Context& self, int32_t i) {

@@ -7,4 +7,5 @@ namespace llama_steer {
 void register_errors(pybind11::module_& m);
 void register_model(pybind11::module_& m);
 void register_context(pybind11::module_& m);
+void register_steering(pybind11::module_& m);
 }  // namespace llama_steer

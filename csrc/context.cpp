@@ -123,6 +123,12 @@ void Context::decode_step(const std::vector<llama_token>& tokens, const std::vec
     decode(b);
 }
 
+void Context::set_upstream_cvec(const std::vector<float>& data, int32_t il_start, int32_t il_end) {
+    const int32_t rc = llama_set_adapter_cvec(get(), data.empty() ? nullptr : data.data(), data.size(),
+                                              model_->n_embd(), il_start, il_end);
+    if (rc != 0) throw InvalidArgument("llama_set_adapter_cvec rejected the vector");
+}
+
 const float* Context::logits(int32_t i) {
     const float* out = llama_get_logits_ith(get(), i);
     if (out == nullptr) throw InvalidArgument("no logits for batch row " + std::to_string(i));

@@ -60,6 +60,10 @@ public:
                      const std::vector<llama_seq_id>& seq);
     // Logits of batch row i (negative: from the end) of the last decode.
     const float* logits(int32_t i);
+    // llama.cpp's own single control vector (llama_set_adapter_cvec), kept
+    // as the reference the steering buffer is tested against. data holds
+    // layers 1..n_layer-1 back to back; empty data disables it.
+    void set_upstream_cvec(const std::vector<float>& data, int32_t il_start, int32_t il_end);
 
 private:
     void check_seq(llama_seq_id seq) const;

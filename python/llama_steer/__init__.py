@@ -20,6 +20,8 @@ from .errors import (
 )
 from .model import Model, Token
 from .sampling import SamplingParams
+from .steer import Steer
+from .vectors import ControlVector
 from .weights import MODELS, default_model_path
 
 __version__ = "0.1.0"
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClosedError",
     "ContextOverflowError",
+    "ControlVector",
     "DatasetError",
     "DecodeError",
     "DownloadError",
@@ -35,6 +38,7 @@ __all__ = [
     "Model",
     "ModelLoadError",
     "SamplingParams",
+    "Steer",
     "SteeringError",
     "Token",
     "VectorFileError",

@@ -15,6 +15,7 @@ import numpy.typing as npt
 from . import _core
 from .errors import ClosedError, ContextOverflowError, LlamaSteerError
 from .sampling import SamplingParams
+from .steer import Steer, SteeringSession, apply_steering, as_steers, check_fits
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, str]
@@ -53,8 +54,11 @@ class Model:
         n_gpu_layers: int = 0,
         n_batch: int = 512,
         n_seq_max: int = 16,
+        n_steer_slots: int = 8,
     ) -> None:
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
+        for name, value in (
+            ("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max), ("n_steer_slots", n_steer_slots)
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
@@ -70,7 +74,9 @@ class Model:
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads or 0
         self._ctx: _core.Context | None = _core.Context(self._model, params)
-        self._generation = 0  # bumped by every new generation; see _decode_prompt
+        self._ctx.steer_init(n_steer_slots, 1)
+        self._generation = 0  # bumped by every new call that uses the context; see _start
+        self._steering: SteeringSession | None = None
 
     @classmethod
     def default(cls, name: str = "smollm2-135m", **kwargs: Any) -> Model:
@@ -82,6 +88,7 @@ class Model:
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
         """Free the context and the weights. Idempotent."""
+        self._end_steering()
         if self._ctx is not None:
             self._ctx.close()
         self._ctx = None
@@ -185,45 +192,86 @@ class Model:
         return tokens
 
     # -- evaluation ---------------------------------------------------------
-    def _decode_prompt(self, tokens: Sequence[int], seq: int = 0) -> int:
-        """Start a new generation on ``seq``: clear the cache and decode."""
-        ctx = self._c
-        self._generation += 1
-        ctx.clear()
-        n = len(tokens)
-        ctx.decode(_core.BatchTokens(list(tokens), list(range(n)), [seq] * n, [0] * (n - 1) + [1]))
-        return self._generation
+    def _end_steering(self) -> None:
+        if self._steering is not None:
+            self._steering.close()
+            self._steering = None
 
-    def logits(self, prompt: Prompt) -> npt.NDArray[np.float32]:
+    def _start(self, tokens: Sequence[int], steer: Steer | Sequence[Steer] | None) -> tuple[int, SteeringSession]:
+        """Begin a call on sequence 0: end the previous call's steering, bind
+        this call's, clear the cache and decode the prompt."""
+        ctx = self._c
+        steers = as_steers(steer)
+        self._end_steering()
+        self._generation += 1
+        session = apply_steering(ctx, self.n_layer, self.n_embd, {0: steers}, {0: len(tokens)})
+        self._steering = session
+        try:
+            ctx.clear()
+            n = len(tokens)
+            ctx.decode(_core.BatchTokens(list(tokens), list(range(n)), [0] * n, [0] * (n - 1) + [1]))
+        except BaseException:
+            self._end_steering()
+            raise
+        return self._generation, session
+
+    def logits(self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None) -> npt.NDArray[np.float32]:
         """Next-token logits after ``prompt``: float32 array of shape [n_vocab]."""
         tokens = self._prompt_tokens(prompt)
-        self._decode_prompt(tokens)
-        return np.asarray(self._c.logits(-1), dtype=np.float32)
+        self._start(tokens, steer)
+        try:
+            return np.asarray(self._c.logits(-1), dtype=np.float32)
+        finally:
+            self._end_steering()
 
-    def generate(self, prompt: Prompt, **sampling: Any) -> Iterator[Token]:
+    def generate(
+        self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None, **sampling: Any
+    ) -> Iterator[Token]:
         """Sample from ``prompt`` token by token.
 
-        Keyword arguments are those of :class:`SamplingParams` (``max_tokens``,
-        ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repeat_penalty``,
-        ``seed``, ``stop``). Stops at an end-of-generation token, a stop
-        string (not included in the output), ``max_tokens`` or the end of the
-        context. Breaking out of the loop leaves the model usable; starting
-        another generation ends this one.
+        ``steer`` is a :class:`Steer` or a list of them (they compose), applied
+        for this call only. Other keyword arguments are those of
+        :class:`SamplingParams` (``max_tokens``, ``temperature``, ``top_k``,
+        ``top_p``, ``min_p``, ``repeat_penalty``, ``seed``, ``stop``). Stops at
+        an end-of-generation token, a stop string (not included in the
+        output), ``max_tokens`` or the end of the context. Breaking out of the
+        loop leaves the model usable; starting another call ends this one.
         """
         params = SamplingParams.from_kwargs(**sampling)
         tokens = self._prompt_tokens(prompt)
-        return self._generate(tokens, params)
+        # Mistakes surface here, not at the first next().
+        check_fits(self._c, as_steers(steer), self.n_layer, self.n_embd)
+        return self._generate(tokens, params, steer)
 
-    def complete(self, prompt: Prompt, **sampling: Any) -> str:
+    def complete(
+        self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None, **sampling: Any
+    ) -> str:
         """The text :meth:`generate` produces, joined."""
-        return "".join(t.text for t in self.generate(prompt, **sampling))
+        return "".join(t.text for t in self.generate(prompt, steer=steer, **sampling))
 
-    def _generate(self, tokens: list[int], params: SamplingParams) -> Iterator[Token]:
+    def _generate(
+        self, tokens: list[int], params: SamplingParams, steer: Steer | Sequence[Steer] | None
+    ) -> Iterator[Token]:
         ctx, model = self._c, self._m
         sampler = params.make_sampler(model.n_vocab)
-        generation = self._decode_prompt(tokens)
+        generation, session = self._start(tokens, steer)
+        try:
+            yield from self._sample_loop(ctx, model, sampler, session, generation, params, len(tokens))
+        finally:
+            session.close()
+
+    def _sample_loop(
+        self,
+        ctx: _core.Context,
+        model: _core.Model,
+        sampler: _core.Sampler,
+        session: SteeringSession,
+        generation: int,
+        params: SamplingParams,
+        n_prompt: int,
+    ) -> Iterator[Token]:
         stream = _TextStream(params.stop)
-        pos = len(tokens)
+        pos = n_prompt
         # Each token is yielded once the next one is sampled (or the end is
         # reached), so text still held back at the end (a split character,
         # a possible stop-string start) is attached to the last real token.
@@ -242,8 +290,9 @@ class Model:
                 break
             if pos + 1 >= ctx.n_ctx:
                 break  # the context is full: nothing more can be decoded
-            ctx.decode_step([token_id], [pos], [0])
             pos += 1
+            session.update(pos - n_prompt)
+            ctx.decode_step([token_id], [pos - 1], [0])
         if held is not None:
             yield Token(held[0], held[1] + stream.flush(), held[2])
 

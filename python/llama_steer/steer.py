@@ -1,0 +1,228 @@
+"""``Steer``: what to add to (or project out of) the residual stream, and how
+it is put into the steering buffer's slots for one call.
+
+A ``Steer`` is an argument of a call (``generate``, ``complete``, ``logits``,
+...): it is applied for that call only and undone when the call ends, so a
+model never carries hidden steering state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import SteeringError
+from .vectors import ControlVector, check_layer
+
+if TYPE_CHECKING:
+    from . import _core
+
+Positions = Union[Literal["all", "prompt", "generated"], tuple[int, int]]
+Strength = Union[float, Sequence[float], Callable[[int], float]]
+UNBOUNDED = -1  # the steering buffer's "no end" for a position window
+
+
+@dataclass(frozen=True)
+class Steer:
+    """Steer with ``vector`` at ``strength``.
+
+    - ``vector``: a :class:`ControlVector`, or a mapping layer -> float32
+      array of length n_embd (layer N is the output of block N, N >= 1).
+    - ``strength``: a number, or a schedule evaluated per decode step ``i``
+      (0 for the prompt, i for the i-th generated token's decode): a sequence
+      (its last value holds after its end) or a callable ``i -> float``.
+    - ``layers``: restrict to these layers (default: every layer of the vector).
+    - ``positions``: ``"all"``, ``"prompt"`` (prompt tokens only),
+      ``"generated"`` (generated tokens only) or ``(p0, p1)``: positions
+      ``p0 <= pos < p1`` (``p1 = -1``: no end).
+    - ``mode``: ``"add"`` adds ``strength * v``; ``"ablate"`` projects the
+      direction of ``v`` out: ``x <- x - strength * r r^T x`` with ``r = v/|v|``
+      (strength 1 removes the component entirely).
+    """
+
+    vector: ControlVector | Mapping[int, npt.ArrayLike]
+    strength: Strength = 1.0
+    layers: Iterable[int] | None = None
+    positions: Positions = "all"
+    mode: Literal["add", "ablate"] = "add"
+    _resolved: ControlVector = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        vec = self.vector if isinstance(self.vector, ControlVector) else ControlVector(self.vector)
+        if self.layers is not None:
+            layers = list(self.layers)
+            object.__setattr__(self, "layers", tuple(layers))
+            vec = vec.select(layers)
+        object.__setattr__(self, "_resolved", vec)
+        if self.mode not in ("add", "ablate"):
+            raise ValueError(f"mode must be 'add' or 'ablate', got {self.mode!r}")
+        if isinstance(self.positions, str):
+            if self.positions not in ("all", "prompt", "generated"):
+                raise ValueError(f"positions must be 'all', 'prompt', 'generated' or (p0, p1), got {self.positions!r}")
+        else:
+            try:
+                p0, p1 = (int(p) for p in self.positions)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"positions must be 'all', 'prompt', 'generated' or (p0, p1), got {self.positions!r}") from exc
+            if p0 < 0 or (p1 != UNBOUNDED and p1 <= p0):
+                raise ValueError(f"position window ({p0}, {p1}) is empty or negative")
+            object.__setattr__(self, "positions", (p0, p1))
+        if isinstance(self.strength, (list, tuple, np.ndarray)):
+            if len(self.strength) == 0:
+                raise ValueError("a strength schedule needs at least one value")
+            object.__setattr__(self, "strength", tuple(float(s) for s in self.strength))
+        self.strength_at(0)  # validates numbers and callables early
+
+    @property
+    def control_vector(self) -> ControlVector:
+        """The vector after ``layers`` selection."""
+        return self._resolved
+
+    def strength_at(self, step: int) -> float:
+        """The strength for decode step ``step`` (0 = the prompt)."""
+        s = self.strength
+        if callable(s):
+            value = float(s(step))
+        elif isinstance(s, tuple):
+            value = s[min(step, len(s) - 1)]
+        elif isinstance(s, (int, float, np.floating, np.integer)) and not isinstance(s, bool):
+            value = float(s)
+        else:
+            raise TypeError(f"strength must be a number, a sequence or a callable, got {type(s).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"strength at step {step} is not finite: {value}")
+        return value
+
+    @property
+    def scheduled(self) -> bool:
+        return not isinstance(self.strength, (int, float))
+
+    def window(self, n_prompt: int) -> tuple[int, int]:
+        """Positions [p0, p1) steered for a prompt of ``n_prompt`` tokens."""
+        if self.positions == "all":
+            return 0, UNBOUNDED
+        if self.positions == "prompt":
+            return 0, n_prompt
+        if self.positions == "generated":
+            return n_prompt, UNBOUNDED
+        return self.positions  # type: ignore[return-value]
+
+
+def as_steers(steer: Steer | Sequence[Steer] | None) -> list[Steer]:
+    if steer is None:
+        return []
+    if isinstance(steer, Steer):
+        return [steer]
+    out = list(steer)
+    for s in out:
+        if not isinstance(s, Steer):
+            raise TypeError(f"steer must be a Steer or a list of Steer, got {type(s).__name__}")
+    return out
+
+
+@dataclass
+class _Binding:
+    seq: int
+    slot: int
+    steer: Steer
+    window: tuple[int, int]
+
+
+class SteeringSession:
+    """The slots and bindings of one call.
+
+    Made by :func:`apply_steering`; :meth:`close` unbinds and clears
+    everything it wrote (idempotent), so a model never keeps steering state
+    beyond the call that asked for it.
+    """
+
+    def __init__(self, ctx: _core.Context) -> None:
+        self._ctx = ctx
+        self._bindings: list[_Binding] = []
+        self._slots: list[int] = []
+        self._open = True
+
+    def update(self, step: int, seqs: Iterable[int] | None = None) -> None:
+        """Re-bind scheduled strengths for decode step ``step`` (cheap: no rebuild)."""
+        wanted = None if seqs is None else set(seqs)
+        for b in self._bindings:
+            if b.steer.scheduled and (wanted is None or b.seq in wanted):
+                self._ctx.steer_bind(b.seq, b.slot, b.steer.strength_at(step), *b.window)
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        if self._ctx.closed or not (self._slots or self._bindings):
+            return
+        self._ctx.steer_unbind(-1, -1)
+        for slot in self._slots:
+            self._ctx.steer_clear(slot)
+
+
+def apply_steering(
+    ctx: _core.Context,
+    n_layer: int,
+    n_embd: int,
+    per_seq: Mapping[int, Sequence[Steer]],
+    n_prompt: Mapping[int, int],
+) -> SteeringSession:
+    """Write each distinct vector into a slot and bind it to its sequences.
+
+    Steers sharing one vector (and mode) share one slot: a sweep over
+    strengths costs one slot. On any error everything written is undone.
+    """
+    session = SteeringSession(ctx)
+    slots: dict[tuple[int, str], int] = {}
+    try:
+        for seq, steers in per_seq.items():
+            for s in steers:
+                key = (id(s.control_vector), s.mode)
+                if key not in slots:
+                    slots[key] = _write_slot(ctx, len(slots), s, n_layer, n_embd)
+                    session._slots.append(slots[key])
+                b = _Binding(seq, slots[key], s, s.window(n_prompt[seq]))
+                ctx.steer_bind(b.seq, b.slot, s.strength_at(0), *b.window)
+                session._bindings.append(b)
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd: int) -> None:
+    """Raise unless every steer fits the model: n_embd, layer range, hooks."""
+    for s in steers:
+        vec = s.control_vector
+        if vec.n_embd != n_embd:
+            raise ValueError(
+                f"the vector has n_embd {vec.n_embd}, the model {n_embd}: it was made for another model"
+            )
+        for layer in vec.layers:
+            check_layer(layer, n_layer)
+            if not ctx.steer_layer_hooked(layer):
+                raise SteeringError(
+                    f"this model's graph has no steering hook after block {layer}: steering it would do nothing"
+                )
+
+
+def _write_slot(ctx: _core.Context, slot: int, s: Steer, n_layer: int, n_embd: int) -> int:
+    if slot >= ctx.steer_n_slots:
+        raise SteeringError(
+            f"this call needs more than the {ctx.steer_n_slots} steering slots of the model's context "
+            "(distinct vectors per call); load the Model with more n_steer_slots"
+        )
+    check_fits(ctx, [s], n_layer, n_embd)
+    for layer, direction in s.control_vector.items():
+        if s.mode == "add":
+            ctx.steer_set_add(slot, layer, direction)
+        else:
+            if not np.any(direction):
+                continue  # a zero direction removes nothing
+            ctx.steer_set_ablate(slot, layer, direction.reshape(1, -1), 1.0)
+    return slot

@@ -1,0 +1,244 @@
+"""``ControlVector``: one direction per layer, and llama.cpp's GGUF file format.
+
+Layer convention (the same as llama.cpp control vectors, written once here):
+the direction of layer ``N`` is added to the *output of block N*, for
+``1 <= N < n_layer``. A file ``direction.N`` tensor means exactly that, so a
+file made here works with ``llama-cli --control-vector`` and files from
+repeng and ``cvector-generator`` load here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import VectorFileError
+
+FloatArray = npt.NDArray[np.float32]
+
+FIRST_LAYER = 1  # llama.cpp never steers the output of block 0 (direction.0 is invalid)
+
+
+def check_layer(layer: int, n_layer: int | None = None) -> int:
+    """Validate a layer index against the convention (and a model's depth)."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"layer indices must be int, got {type(layer).__name__}")
+    layer = int(layer)
+    if layer < FIRST_LAYER:
+        raise ValueError(f"layer {layer} is out of range: directions start at layer {FIRST_LAYER}")
+    if n_layer is not None and layer >= n_layer:
+        raise ValueError(f"layer {layer} is out of range for a model with {n_layer} layers (1..{n_layer - 1})")
+    return layer
+
+
+class ControlVector:
+    """Per-layer float32 directions, plus the model they were made for.
+
+    ``directions`` maps a layer (>= 1) to a 1-D float32 array of length
+    ``n_embd``. Vectors support ``+``, ``-``, unary ``-``, and ``*`` / ``/``
+    by a scalar; layers missing on one side count as zero.
+    """
+
+    __slots__ = ("_directions", "model_hint", "diagnostics")
+
+    def __init__(
+        self,
+        directions: Mapping[int, npt.ArrayLike],
+        model_hint: str = "",
+        diagnostics: Mapping[str, Any] | None = None,
+    ) -> None:
+        dirs: dict[int, FloatArray] = {}
+        n_embd = None
+        for layer, vec in directions.items():
+            layer = check_layer(layer)
+            if np.ndim(vec) != 1:
+                raise ValueError(f"direction for layer {layer} must be 1-D, got shape {np.shape(vec)}")
+            arr = np.array(vec, dtype=np.float32)  # a copy: the caller's array stays theirs
+            if n_embd is None:
+                n_embd = arr.shape[0]
+            elif arr.shape[0] != n_embd:
+                raise ValueError(f"direction for layer {layer} has length {arr.shape[0]}, others {n_embd}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"direction for layer {layer} has NaN or infinite values")
+            arr.setflags(write=False)
+            dirs[layer] = arr
+        if not dirs:
+            raise ValueError("a control vector needs at least one layer")
+        self._directions = dict(sorted(dirs.items()))
+        self.model_hint = str(model_hint)
+        self.diagnostics: dict[str, Any] = dict(diagnostics or {})
+
+    # -- mapping-like access ------------------------------------------------
+    @property
+    def directions(self) -> dict[int, FloatArray]:
+        """A copy of the layer -> direction mapping (arrays are read-only)."""
+        return dict(self._directions)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self._directions)
+
+    @property
+    def n_embd(self) -> int:
+        return int(next(iter(self._directions.values())).shape[0])
+
+    def __getitem__(self, layer: int) -> FloatArray:
+        return self._directions[layer]
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._directions
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._directions)
+
+    def __len__(self) -> int:
+        return len(self._directions)
+
+    def items(self) -> Iterable[tuple[int, FloatArray]]:
+        return self._directions.items()
+
+    def __repr__(self) -> str:
+        lo, hi = self.layers[0], self.layers[-1]
+        hint = f", model_hint={self.model_hint!r}" if self.model_hint else ""
+        return f"ControlVector(layers {lo}..{hi} ({len(self)}), n_embd {self.n_embd}{hint})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        return self.layers == other.layers and all(
+            np.array_equal(self[k], other[k]) for k in self.layers
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- arithmetic ---------------------------------------------------------
+    def _combine(self, other: ControlVector, sign: float) -> ControlVector:
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        if other.n_embd != self.n_embd:
+            raise ValueError(f"cannot combine vectors of n_embd {self.n_embd} and {other.n_embd}")
+        out: dict[int, FloatArray] = {}
+        for layer in sorted(set(self._directions) | set(other._directions)):
+            a = self._directions.get(layer)
+            b = other._directions.get(layer)
+            if a is None:
+                out[layer] = sign * b  # type: ignore[operator]
+            elif b is None:
+                out[layer] = a.copy()
+            else:
+                out[layer] = a + sign * b
+        return ControlVector(out, self.model_hint or other.model_hint)
+
+    def __add__(self, other: ControlVector) -> ControlVector:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: ControlVector) -> ControlVector:
+        return self._combine(other, -1.0)
+
+    def __neg__(self) -> ControlVector:
+        return self * -1.0
+
+    def __mul__(self, scalar: float) -> ControlVector:
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float, np.floating, np.integer)):
+            return NotImplemented
+        if not math.isfinite(float(scalar)):
+            raise ValueError("cannot scale a control vector by a non-finite number")
+        return ControlVector({k: v * np.float32(scalar) for k, v in self.items()}, self.model_hint)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: float) -> ControlVector:
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float, np.floating, np.integer)):
+            return NotImplemented
+        if float(scalar) == 0.0:
+            raise ZeroDivisionError("control vector divided by zero")
+        return self * (1.0 / float(scalar))
+
+    def normalized(self) -> ControlVector:
+        """Each layer's direction scaled to unit L2 norm (zero layers are kept)."""
+        out = {}
+        for k, v in self.items():
+            n = float(np.linalg.norm(v))
+            out[k] = v / n if n > 0 else v.copy()
+        return ControlVector(out, self.model_hint, self.diagnostics)
+
+    def select(self, layers: Iterable[int]) -> ControlVector:
+        """Only the given layers (each must be present)."""
+        wanted = [check_layer(k) for k in layers]
+        missing = [k for k in wanted if k not in self._directions]
+        if missing:
+            raise ValueError(f"layers {missing} are not in this vector (it has {self.layers[0]}..{self.layers[-1]})")
+        return ControlVector({k: self._directions[k] for k in wanted}, self.model_hint, self.diagnostics)
+
+    # -- files --------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write llama.cpp's control-vector GGUF (atomically: temp file + rename)."""
+        import gguf
+
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
+        os.close(fd)
+        try:
+            writer = gguf.GGUFWriter(tmp, "controlvector")
+            writer.add_string("controlvector.model_hint", self.model_hint)
+            writer.add_uint32("controlvector.layer_count", len(self))
+            for layer, vec in self.items():
+                writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(vec, dtype=np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ControlVector:
+        """Read a control-vector GGUF (ours, llama.cpp's cvector-generator's or repeng's)."""
+        import gguf
+
+        path = Path(path)
+        if not path.is_file():
+            raise VectorFileError(f"no such control-vector file: {path}")
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as exc:  # gguf raises ValueError, struct.error, ... on bad files
+            raise VectorFileError(f"{path}: not a readable GGUF file ({exc})") from exc
+        arch_field = reader.fields.get("general.architecture")
+        arch = _field_str(arch_field) if arch_field is not None else ""
+        if arch != "controlvector":
+            raise VectorFileError(f"{path}: general.architecture is {arch!r}, not 'controlvector'")
+        hint_field = reader.fields.get("controlvector.model_hint")
+        hint = _field_str(hint_field) if hint_field is not None else ""
+        dirs: dict[int, FloatArray] = {}
+        for tensor in reader.tensors:
+            name = tensor.name
+            prefix, _, idx = name.partition(".")
+            if prefix != "direction" or not idx.isdigit():
+                raise VectorFileError(f"{path}: unexpected tensor {name!r} (want direction.N)")
+            layer = int(idx)
+            if layer < FIRST_LAYER:
+                raise VectorFileError(f"{path}: tensor {name!r}: layer indices start at {FIRST_LAYER}")
+            if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
+                raise VectorFileError(f"{path}: tensor {name!r} is {tensor.tensor_type.name}, not F32")
+            data = np.array(tensor.data, dtype=np.float32).reshape(-1)
+            # Several tensors for one layer add up, as llama.cpp does.
+            dirs[layer] = dirs[layer] + data if layer in dirs else data
+        if not dirs:
+            raise VectorFileError(f"{path}: no direction tensors")
+        try:
+            return cls(dirs, hint)
+        except ValueError as exc:
+            raise VectorFileError(f"{path}: {exc}") from exc
+
+
+def _field_str(field: Any) -> str:
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
