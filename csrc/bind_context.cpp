@@ -3,6 +3,7 @@
 
 #include "bindings.h"
 #include "context.h"
+#include "errors.h"
 #include "sampler.h"
 
 namespace py = pybind11;
@@ -23,7 +24,12 @@ void register_context(py::module_& m) {
         .def(py::init<>())
         .def(py::init([](std::vector<llama_token> t, std::vector<llama_pos> p, std::vector<llama_seq_id> s,
                          std::vector<int8_t> o) { return BatchTokens{std::move(t), std::move(p), std::move(s), std::move(o)}; }),
-             py::arg("tokens"), py::arg("pos"), py::arg("seq"), py::arg("output"));
+             py::arg("tokens"), py::arg("pos"), py::arg("seq"), py::arg("output"))
+        .def(py::init([](std::vector<llama_token> t, std::vector<llama_pos> p, std::vector<llama_seq_id> s,
+                         std::vector<int8_t> o, std::vector<int32_t> offsets) {
+                 return BatchTokens{std::move(t), std::move(p), std::move(s), std::move(o), std::move(offsets)};
+             }),
+             py::arg("tokens"), py::arg("pos"), py::arg("seq"), py::arg("output"), py::arg("seq_offsets"));
 
     py::class_<Context>(m, "Context")
         .def(py::init<std::shared_ptr<Model>, const ContextParams&>(), py::arg("model"), py::arg("params"),
@@ -41,6 +47,32 @@ void register_context(py::module_& m) {
         .def("decode", &Context::decode, py::arg("batch"), py::call_guard<py::gil_scoped_release>())
         .def("decode_step", &Context::decode_step, py::arg("tokens"), py::arg("pos"), py::arg("seq"),
              py::call_guard<py::gil_scoped_release>())
+        .def("set_capture_layers", &Context::set_capture_layers, py::arg("layers"))
+        .def_property_readonly("capture_layers", &Context::capture_layers)
+        .def(
+            "decode_capture",
+            [](Context& self, const BatchTokens& b) {
+                std::vector<float> rows;
+                {
+                    py::gil_scoped_release release;
+                    rows = self.decode_capture(b);
+                }
+                const auto n_cap = static_cast<py::ssize_t>(self.capture_layers().size());
+                const auto n_embd = static_cast<py::ssize_t>(self.model().n_embd());
+                const auto n_rows = static_cast<py::ssize_t>(rows.size()) / (n_cap * n_embd);
+                py::array_t<float> out({n_rows, n_cap, n_embd});
+                std::copy(rows.begin(), rows.end(), out.mutable_data());
+                return out;
+            },
+            py::arg("batch"))
+        .def(
+            "embeddings",
+            [](Context& self, int32_t i) {
+                const float* data = llama_get_embeddings_ith(self.get(), i);
+                if (data == nullptr) throw InvalidArgument("no embeddings for batch row " + std::to_string(i));
+                return py::array_t<float>(self.model().n_embd(), data);
+            },
+            py::arg("i") = -1)
         .def("set_upstream_cvec", &Context::set_upstream_cvec, py::arg("data"), py::arg("il_start"),
              py::arg("il_end"))
         .def(

@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "errors.h"
+#include "llama-steer.h"
 #include "runtime.h"
 
 namespace llama_steer {
@@ -28,6 +29,9 @@ Context::Context(std::shared_ptr<Model> model, const ContextParams& params) : mo
     cp.n_batch = static_cast<uint32_t>(params_.n_batch);
     cp.n_ubatch = static_cast<uint32_t>(params_.n_ubatch);
     cp.n_seq_max = static_cast<uint32_t>(params_.n_seq_max);
+    // llama.cpp reserves an output row per sequence up front and aborts if
+    // that exceeds n_outputs_max (by default n_batch, itself capped by n_ctx).
+    cp.n_outputs_max = static_cast<uint32_t>(std::max(std::min(params_.n_ctx, params_.n_batch), params_.n_seq_max));
     cp.n_threads = params_.n_threads;
     cp.n_threads_batch = params_.n_threads;
     cp.embeddings = params_.embeddings;
@@ -42,7 +46,7 @@ Context::Context(std::shared_ptr<Model> model, const ContextParams& params) : mo
     params_.n_ctx = n_ctx_;
     params_.n_batch = static_cast<int32_t>(llama_n_batch(ctx_.get()));
     params_.n_ubatch = static_cast<int32_t>(llama_n_ubatch(ctx_.get()));
-    batch_ = llama_batch_init(params_.n_batch, 0, 1);
+    batch_ = llama_batch_init(params_.n_batch, 0, params_.n_seq_max);
     batch_guard_ = {&batch_, free_batch};
 }
 
@@ -87,39 +91,96 @@ void Context::run(int32_t n) {
     if (rc != 0) throw DecodeError("llama_decode failed with code " + std::to_string(rc));
 }
 
-void Context::decode(const BatchTokens& b) {
+void Context::decode(const BatchTokens& b) { decode_chunks(b, nullptr); }
+
+std::vector<float> Context::decode_capture(const BatchTokens& b) {
+    if (capture_layers_.empty()) throw InvalidArgument("no capture layers are set");
+    std::vector<float> out;
+    decode_chunks(b, &out);
+    return out;
+}
+
+void Context::set_capture_layers(const std::vector<int32_t>& layers) {
+    for (int32_t il : layers) {
+        if (il < 0 || il >= model_->n_layer()) {
+            throw InvalidArgument("capture layer " + std::to_string(il) + " is out of range [0, " +
+                                  std::to_string(model_->n_layer()) + ")");
+        }
+    }
+    const int32_t rc =
+        llama_steer_capture_layers(get(), layers.empty() ? nullptr : layers.data(), static_cast<int32_t>(layers.size()));
+    if (rc < 0) throw SteeringError(std::string("capture: ") + llama_steer_strerror(rc));
+    capture_layers_ = layers;
+}
+
+void Context::decode_chunks(const BatchTokens& b, std::vector<float>* captured) {
     get();
     const size_t n = b.tokens.size();
     if (n == 0) throw InvalidArgument("cannot decode an empty batch");
-    if (b.pos.size() != n || b.seq.size() != n || b.output.size() != n) {
+    const bool multi = !b.seq_offsets.empty();
+    if (b.pos.size() != n || b.output.size() != n || (multi ? b.seq_offsets.size() != n + 1 : b.seq.size() != n)) {
         throw InvalidArgument("tokens, pos, seq and output must have the same length");
     }
     for (size_t i = 0; i < n; ++i) {
         model_->check_token(b.tokens[i]);
-        check_seq(b.seq[i]);
         if (b.pos[i] < 0) throw InvalidArgument("positions must be non-negative");
         if (b.pos[i] >= n_ctx_) {
             throw ContextOverflowError("position " + std::to_string(b.pos[i]) + " does not fit the context of " +
                                        std::to_string(n_ctx_) + " tokens");
         }
+        if (multi) {
+            const int32_t lo = b.seq_offsets[i], hi = b.seq_offsets[i + 1];
+            if (lo < 0 || hi <= lo || hi - lo > params_.n_seq_max || static_cast<size_t>(hi) > b.seq.size()) {
+                throw InvalidArgument("bad seq_offsets at token " + std::to_string(i));
+            }
+            for (int32_t k = lo; k < hi; ++k) check_seq(b.seq[static_cast<size_t>(k)]);
+        } else {
+            check_seq(b.seq[i]);
+        }
     }
+    const int32_t n_embd = model_->n_embd();
+    const size_t n_cap = capture_layers_.size();
+    std::vector<float> rows;
     for (size_t start = 0; start < n; start += static_cast<size_t>(params_.n_batch)) {
         const size_t end = std::min(n, start + static_cast<size_t>(params_.n_batch));
+        int32_t n_out = 0;
         for (size_t i = start; i < end; ++i) {
             const size_t j = i - start;
             batch_.token[j] = b.tokens[i];
             batch_.pos[j] = b.pos[i];
-            batch_.n_seq_id[j] = 1;
-            batch_.seq_id[j][0] = b.seq[i];
+            if (multi) {
+                const int32_t lo = b.seq_offsets[i], hi = b.seq_offsets[i + 1];
+                batch_.n_seq_id[j] = hi - lo;
+                for (int32_t k = lo; k < hi; ++k) batch_.seq_id[j][k - lo] = b.seq[static_cast<size_t>(k)];
+            } else {
+                batch_.n_seq_id[j] = 1;
+                batch_.seq_id[j][0] = b.seq[i];
+            }
             batch_.logits[j] = b.output[i];
+            n_out += b.output[i] ? 1 : 0;
         }
         run(static_cast<int32_t>(end - start));
+        if (captured == nullptr || n_out == 0) continue;
+        // Outputs of this chunk are gone after the next decode: gather them
+        // now, [row][layer][n_embd].
+        const size_t base = captured->size();
+        captured->resize(base + static_cast<size_t>(n_out) * n_cap * static_cast<size_t>(n_embd));
+        rows.resize(static_cast<size_t>(n_out) * static_cast<size_t>(n_embd));
+        for (size_t l = 0; l < n_cap; ++l) {
+            const int32_t got = llama_steer_capture_get(ctx_.get(), capture_layers_[l], rows.data(), n_out);
+            if (got != n_out) throw SteeringError("capture returned " + std::to_string(got) + " rows, expected " +
+                                                  std::to_string(n_out));
+            for (int32_t r = 0; r < n_out; ++r) {
+                std::copy_n(rows.data() + static_cast<size_t>(r) * n_embd, n_embd,
+                            captured->data() + base + (static_cast<size_t>(r) * n_cap + l) * n_embd);
+            }
+        }
     }
 }
 
 void Context::decode_step(const std::vector<llama_token>& tokens, const std::vector<llama_pos>& pos,
                           const std::vector<llama_seq_id>& seq) {
-    BatchTokens b{tokens, pos, seq, std::vector<int8_t>(tokens.size(), 1)};
+    BatchTokens b{tokens, pos, seq, std::vector<int8_t>(tokens.size(), 1), {}};
     decode(b);
 }
 

@@ -20,12 +20,16 @@ struct ContextParams {
     bool embeddings = false;
 };
 
-// One token of a batch: which sequence, where, and whether logits are kept.
+// Tokens of a batch: which sequence, where, and whether outputs are kept.
+// A token may belong to several sequences (a shared prefix decoded once):
+// then seq_offsets (size n+1) delimits its ids in seq, else seq holds one id
+// per token.
 struct BatchTokens {
     std::vector<llama_token> tokens;
     std::vector<llama_pos> pos;
     std::vector<llama_seq_id> seq;
     std::vector<int8_t> output;
+    std::vector<int32_t> seq_offsets;
 };
 
 class Context {
@@ -55,6 +59,13 @@ public:
     // row of each token i whose output flag was set (of the last chunk only,
     // so callers put outputs in the final chunk or decode in one go).
     void decode(const BatchTokens& batch);
+    // Captures the output of these blocks (after steering) for the output
+    // rows of later decodes; empty disables capture.
+    void set_capture_layers(const std::vector<int32_t>& layers);
+    const std::vector<int32_t>& capture_layers() const { return capture_layers_; }
+    // decode(), returning the captured rows of every output token, in batch
+    // order, as [n_outputs][n_capture_layers][n_embd].
+    std::vector<float> decode_capture(const BatchTokens& batch);
     // Decodes one token per listed sequence, each with its logits kept.
     void decode_step(const std::vector<llama_token>& tokens, const std::vector<llama_pos>& pos,
                      const std::vector<llama_seq_id>& seq);
@@ -68,11 +79,13 @@ public:
 private:
     void check_seq(llama_seq_id seq) const;
     void run(int32_t n);
+    void decode_chunks(const BatchTokens& batch, std::vector<float>* captured);
 
     std::shared_ptr<Model> model_;
     ContextParams params_;
     llama_context_ptr ctx_;
     int32_t n_ctx_ = 0;
+    std::vector<int32_t> capture_layers_;
     llama_batch batch_{};
     std::unique_ptr<llama_batch, void (*)(llama_batch*)> batch_guard_{nullptr, nullptr};
 };

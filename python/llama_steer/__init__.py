@@ -18,6 +18,7 @@ from .errors import (
     SteeringError,
     VectorFileError,
 )
+from .extraction import Pair, behaviours, extract, load_pairs, persona_pairs
 from .model import Model, Token
 from .sampling import SamplingParams
 from .steer import Steer
@@ -35,6 +36,11 @@ __all__ = [
     "DownloadError",
     "LlamaSteerError",
     "MODELS",
+    "Pair",
+    "behaviours",
+    "extract",
+    "load_pairs",
+    "persona_pairs",
     "Model",
     "ModelLoadError",
     "SamplingParams",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import codecs
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +16,9 @@ from . import _core
 from .errors import ClosedError, ContextOverflowError, LlamaSteerError
 from .sampling import SamplingParams
 from .steer import Steer, SteeringSession, apply_steering, as_steers, check_fits
+
+if TYPE_CHECKING:
+    from .extraction import Read
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, str]
@@ -53,7 +56,7 @@ class Model:
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
         n_batch: int = 512,
-        n_seq_max: int = 16,
+        n_seq_max: int = 64,
         n_steer_slots: int = 8,
     ) -> None:
         for name, value in (
@@ -214,6 +217,23 @@ class Model:
             self._end_steering()
             raise
         return self._generation, session
+
+    def capture(
+        self,
+        prompts: Sequence[Prompt],
+        layers: Iterable[int] | None = None,
+        read: Read = "last",
+        **kwargs: Any,
+    ) -> npt.NDArray[np.float32]:
+        """Residual stream of ``prompts``: float32 [n_prompts, n_layers, n_embd].
+
+        Index N along the layer axis (with the default ``layers``, all of
+        them) is the output of block N, where steering adds. ``read`` is
+        ``"last"``, ``"mean"`` or a callable (see :func:`llama_steer.extraction.capture`).
+        """
+        from .extraction import capture
+
+        return capture(self, prompts, layers, read, **kwargs)
 
     def logits(self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None) -> npt.NDArray[np.float32]:
         """Next-token logits after ``prompt``: float32 array of shape [n_vocab]."""

@@ -177,6 +177,47 @@ class ControlVector:
             raise ValueError(f"layers {missing} are not in this vector (it has {self.layers[0]}..{self.layers[-1]})")
         return ControlVector({k: self._directions[k] for k in wanted}, self.model_hint, self.diagnostics)
 
+    def plot_layers(self, path: str | os.PathLike[str]) -> Path:
+        """Write a PNG of the extraction diagnostics by layer (held-out
+        separation, explained variance, residual norm) to choose where to
+        steer. Needs a vector made by :func:`llama_steer.extract`."""
+        diag = self.diagnostics
+        if "heldout_auc" not in diag:
+            raise ValueError("this vector has no extraction diagnostics to plot")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        layers = self.layers
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+        for key, label, style in (
+            ("heldout_auc", "held-out AUC", "o-"),
+            ("heldout_accuracy", "held-out pair accuracy", "s--"),
+            ("explained_variance", "explained variance (PC1)", "^:"),
+        ):
+            values = [diag.get(key, {}).get(k, math.nan) for k in layers]
+            if not all(math.isnan(v) for v in values):
+                ax.plot(layers, values, style, label=label, markersize=4)
+        ax.set_xlabel("layer (output of block N)")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("separation / variance")
+        ax.grid(alpha=0.3)
+        norms = [diag.get("residual_norm", {}).get(k, math.nan) for k in layers]
+        ax2 = ax.twinx()
+        ax2.plot(layers, norms, color="grey", alpha=0.5, label="residual norm")
+        ax2.set_ylabel("mean residual norm")
+        lines, labels = ax.get_legend_handles_labels()
+        l2, lb2 = ax2.get_legend_handles_labels()
+        ax.legend(lines + l2, labels + lb2, loc="lower right", fontsize=8)
+        title = f"{diag.get('method', '')} on {diag.get('n_pairs', '?')} pairs"
+        ax.set_title(f"Where to steer: {title} ({self.model_hint or 'model'})")
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out)
+        plt.close(fig)
+        return out
+
     # -- files --------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write llama.cpp's control-vector GGUF (atomically: temp file + rename)."""

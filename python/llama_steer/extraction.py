@@ -1,0 +1,540 @@
+"""Extraction: residual-stream capture and control vectors from contrastive pairs.
+
+Everything runs on the GGUF model as shipped (quantized), inside llama.cpp:
+the block outputs are captured in C++ at the point where the steering buffer
+adds (see ``vectors.py`` for the layer convention), only for the rows read.
+
+Prompts are decoded through a prefix tree: each distinct token prefix is
+decoded once, as one token that belongs to every sequence sharing it (the KV
+cache is unified), and a prompt that is a prefix of another is read off the
+longer one's pass. With persona templates x progressively longer sentence
+prefixes, that decodes a few hundred tokens for 10,000 prompt tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from .errors import DatasetError, LlamaSteerError
+from .vectors import ControlVector, check_layer
+
+if TYPE_CHECKING:
+    from .model import Model
+
+Read = Union[Literal["last", "mean"], Callable[[Sequence[int]], Sequence[int]]]
+Method = Literal["mean_diff", "pca_diff", "pca_center", "probe"]
+METHODS: tuple[str, ...] = ("mean_diff", "pca_diff", "pca_center", "probe")
+
+
+# -- pairs --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pair:
+    """Two prompts that differ in the behaviour to extract."""
+
+    positive: str
+    negative: str
+
+
+PairsLike = Union[str, os.PathLike[str], Sequence[Union[Pair, tuple[str, str], Sequence[str]]]]
+
+
+def load_pairs(path: str | os.PathLike[str]) -> list[Pair]:
+    """Read pairs from JSONL (``{"positive": ..., "negative": ...}`` per line)
+    or CSV (a header with ``positive,negative`` columns)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"no such pairs file: {path}")
+    pairs: list[Pair] = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"positive", "negative"} <= set(reader.fieldnames):
+                raise DatasetError(f"{path}: the CSV header must name 'positive' and 'negative' columns")
+            for lineno, row in enumerate(reader, start=2):
+                pos, neg = row.get("positive"), row.get("negative")
+                if not pos or not neg:
+                    raise DatasetError(f"{path}:{lineno}: empty positive or negative")
+                pairs.append(Pair(pos, neg))
+    else:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    pairs.append(Pair(str(obj["positive"]), str(obj["negative"])))
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise DatasetError(
+                        f"{path}:{lineno}: want a JSON object with 'positive' and 'negative' ({exc})"
+                    ) from exc
+    return check_pairs(pairs, source=str(path))
+
+
+def check_pairs(pairs: PairsLike, *, source: str = "pairs") -> list[Pair]:
+    """Normalise ``pairs`` (a path, Pairs or 2-tuples) and reject bad ones."""
+    if isinstance(pairs, (str, os.PathLike)):
+        return load_pairs(pairs)
+    out: list[Pair] = []
+    for i, p in enumerate(pairs):
+        if isinstance(p, Pair):
+            pair = p
+        else:
+            try:
+                pos, neg = p  # type: ignore[misc]
+            except (TypeError, ValueError) as exc:
+                raise DatasetError(f"{source}[{i}]: want (positive, negative), got {p!r}") from exc
+            pair = Pair(pos, neg)
+        if not isinstance(pair.positive, str) or not isinstance(pair.negative, str):
+            raise DatasetError(f"{source}[{i}]: both sides must be str")
+        if not pair.positive or not pair.negative:
+            raise DatasetError(f"{source}[{i}]: empty prompt")
+        if pair.positive == pair.negative:
+            raise DatasetError(f"{source}[{i}]: both sides are identical ({pair.positive[:60]!r})")
+        out.append(pair)
+    if not out:
+        raise DatasetError(f"{source}: no pairs")
+    return out
+
+
+def _personas() -> dict[str, Any]:
+    text = resources.files("llama_steer").joinpath("data/personas.json").read_text(encoding="utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def behaviours() -> list[str]:
+    """Names of the bundled persona datasets (e.g. ``"happy"``, ``"honest"``)."""
+    return sorted(_personas()["behaviours"])
+
+
+def persona_pairs(
+    model: Model,
+    behaviour: str = "happy",
+    *,
+    n_personas: int | None = None,
+    suffixes: Sequence[str] | None = None,
+    template: str | None = None,
+    chat: bool = True,
+    max_pairs: int | None = None,
+) -> list[Pair]:
+    """Contrastive pairs the way repeng and cvector-generator build them.
+
+    Each pair is the same sentence prefix under a positive and a negative
+    persona instruction (``template`` with ``{persona}``), wrapped in the
+    model's chat template when ``chat``. Each suffix sentence contributes all
+    its token prefixes (progressively longer), so the pairs share prefixes
+    heavily, which extraction exploits.
+    """
+    data = _personas()
+    if behaviour not in data["behaviours"]:
+        raise ValueError(f"unknown behaviour {behaviour!r}; bundled: {', '.join(behaviours())}")
+    b = data["behaviours"][behaviour]
+    positives, negatives = b["positive"], b["negative"]
+    if n_personas is not None:
+        positives, negatives = positives[:n_personas], negatives[:n_personas]
+    template = template or data["template"]
+    if "{persona}" not in template:
+        raise ValueError("template must contain '{persona}'")
+    suffix_list = list(suffixes) if suffixes is not None else list(data["suffixes"])
+
+    def wrap(persona: str, text: str) -> str:
+        instruction = template.format(persona=persona)
+        if not chat:
+            return f"{instruction} {text}"
+        head = model.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True)
+        return head + text
+
+    pairs: list[Pair] = []
+    for sentence in suffix_list:
+        ids = model.tokenize(sentence, add_special=False)
+        for i in range(1, len(ids) + 1):
+            text = model.detokenize(ids[:i])
+            for pos, neg in zip(positives, negatives):
+                pairs.append(Pair(wrap(pos, text), wrap(neg, text)))
+                if max_pairs is not None and len(pairs) >= max_pairs:
+                    return pairs
+    return pairs
+
+
+# -- capture ------------------------------------------------------------------
+class _Trie:
+    """Token prefix tree; node 0 is the root (no token)."""
+
+    def __init__(self) -> None:
+        self.children: list[dict[int, int]] = [{}]
+        self.token: list[int] = [-1]
+        self.parent: list[int] = [-1]
+        self.depth: list[int] = [-1]
+
+    def insert(self, tokens: Sequence[int]) -> list[int]:
+        """Insert a path; return its node ids (one per token)."""
+        node, path = 0, []
+        for t in tokens:
+            nxt = self.children[node].get(t)
+            if nxt is None:
+                nxt = len(self.token)
+                self.children[node][t] = nxt
+                self.children.append({})
+                self.token.append(t)
+                self.parent.append(node)
+                self.depth.append(self.depth[node] + 1)
+            node = nxt
+            path.append(node)
+        return path
+
+    def leaves_dfs(self) -> list[int]:
+        out, stack = [], [0]
+        while stack:
+            node = stack.pop()
+            kids = self.children[node]
+            if not kids and node != 0:
+                out.append(node)
+            stack.extend(reversed(list(kids.values())))
+        return out
+
+    def path(self, node: int) -> list[int]:
+        out = []
+        while node > 0:
+            out.append(node)
+            node = self.parent[node]
+        return out[::-1]
+
+
+def capture(
+    model: Model,
+    prompts: Sequence[str | Sequence[int]],
+    layers: Iterable[int] | None = None,
+    read: Read = "last",
+    *,
+    batch_size: int | None = None,
+    share_prefixes: bool = True,
+    progress: bool = False,
+) -> npt.NDArray[np.float32]:
+    """Residual stream (block outputs) of ``prompts``.
+
+    Returns float32 [n_prompts, n_layers, n_embd]; ``layers`` default to all
+    (0..n_layer-1, output of block N at index N). ``read`` is ``"last"`` (the
+    last token), ``"mean"`` (mean over all tokens) or a callable mapping a
+    prompt's token ids to the positions to average.
+    """
+    token_lists = [model._prompt_tokens(p) for p in prompts]
+    if not token_lists:
+        raise ValueError("no prompts to capture")
+    positions = [_read_positions(read, t) for t in token_lists]
+    layer_list = list(range(model.n_layer)) if layers is None else [int(x) for x in layers]
+    for il in layer_list:
+        if not 0 <= il < model.n_layer:
+            raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
+    rows = _capture_rows(model, token_lists, positions, layer_list, batch_size, share_prefixes, progress)
+    return np.stack([r.mean(axis=0) if r.shape[0] > 1 else r[0] for r in rows]).astype(np.float32, copy=False)
+
+
+def _read_positions(read: Read, tokens: Sequence[int]) -> list[int]:
+    n = len(tokens)
+    if read == "last":
+        return [n - 1]
+    if read == "mean":
+        return list(range(n))
+    if callable(read):
+        pos = sorted({int(p) for p in read(tokens)})
+        if not pos or pos[0] < 0 or pos[-1] >= n:
+            raise ValueError(f"read callable returned positions {pos[:5]}... outside [0, {n})")
+        return pos
+    raise ValueError(f"read must be 'last', 'mean' or a callable, got {read!r}")
+
+
+def _capture_rows(
+    model: Model,
+    token_lists: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    layers: list[int],
+    batch_size: int | None,
+    share_prefixes: bool,
+    progress: bool,
+) -> list[npt.NDArray[np.float32]]:
+    """Per prompt, the captured rows [n_positions, n_layers, n_embd]."""
+    ctx = model._c
+    n_seq = ctx.n_seq_max if batch_size is None else min(int(batch_size), ctx.n_seq_max)
+    if n_seq < 1:
+        raise ValueError("batch_size must be >= 1")
+    trie = _Trie()
+    # node ids to read, per prompt; without sharing every prompt gets its own
+    # root branch (a distinct first "virtual" key keeps paths apart).
+    reads: list[list[int]] = []
+    if share_prefixes:
+        for toks, pos in zip(token_lists, positions):
+            path = trie.insert(toks)
+            reads.append([path[p] for p in pos])
+    else:
+        for i, (toks, pos) in enumerate(zip(token_lists, positions)):
+            path = _insert_unshared(trie, i, toks)
+            reads.append([path[p] for p in pos])
+    wanted = {n for r in reads for n in r}
+
+    groups = _group_leaves(trie, n_seq, model.n_ctx)
+    results: dict[int, npt.NDArray[np.float32]] = {}
+    model._end_steering()
+    model._generation += 1  # any suspended generation is over
+    bar = _progress_bar(sum(len(g[1]) for g in groups), progress)
+    ctx.set_capture_layers(layers)
+    try:
+        for leaves, nodes in groups:
+            seq_of_leaf = {leaf: s for s, leaf in enumerate(leaves)}
+            # seq ids of every node: the leaves below it (within this group)
+            seqs: dict[int, list[int]] = {n: [] for n in nodes}
+            for leaf in leaves:
+                for n in trie.path(leaf):
+                    seqs[n].append(seq_of_leaf[leaf])
+            toks, pos, seq, offsets, out = [], [], [], [0], []
+            out_nodes = []
+            for n in nodes:  # DFS preorder: each sequence sees consecutive positions
+                toks.append(trie.token[n])
+                pos.append(trie.depth[n])
+                seq.extend(seqs[n])
+                offsets.append(len(seq))
+                is_out = n in wanted and n not in results  # a re-decoded prefix is read once
+                out.append(1 if is_out else 0)
+                if is_out:
+                    out_nodes.append(n)
+            ctx.clear()
+            if out_nodes:
+                captured = ctx.decode_capture(_core.BatchTokens(toks, pos, seq, out, offsets))
+                for n, row in zip(out_nodes, captured):
+                    results[n] = row
+            bar.update(len(nodes))
+    finally:
+        bar.close()
+        ctx.set_capture_layers([])
+        ctx.clear()
+    return [np.stack([results[n] for n in r]) for r in reads]
+
+
+def _insert_unshared(trie: _Trie, key: int, tokens: Sequence[int]) -> list[int]:
+    # A private branch per prompt: the root child is keyed by a negative id
+    # that never collides with a token.
+    node = len(trie.token)
+    trie.children[0][-(key + 2)] = node
+    trie.children.append({})
+    trie.token.append(tokens[0])
+    trie.parent.append(0)
+    trie.depth.append(0)
+    path = [node]
+    for t in tokens[1:]:
+        nxt = len(trie.token)
+        trie.children[node][t] = nxt
+        trie.children.append({})
+        trie.token.append(t)
+        trie.parent.append(node)
+        trie.depth.append(trie.depth[node] + 1)
+        node = nxt
+        path.append(node)
+    return path
+
+
+def _group_leaves(trie: _Trie, n_seq: int, n_ctx: int) -> list[tuple[list[int], list[int]]]:
+    """Split the leaves (in DFS order, so neighbours share prefixes) into
+    groups of at most n_seq sequences whose union of nodes fits the cache.
+    Returns (leaves, nodes in DFS preorder) per group."""
+    groups: list[tuple[list[int], list[int]]] = []
+    leaves: list[int] = []
+    seen: set[int] = set()
+    order: list[int] = []
+    for leaf in trie.leaves_dfs():
+        path = trie.path(leaf)
+        if len(path) > n_ctx:
+            raise LlamaSteerError(f"a prompt of {len(path)} tokens does not fit the context of {n_ctx}")
+        new = [n for n in path if n not in seen]
+        if leaves and (len(leaves) >= n_seq or len(order) + len(new) > n_ctx):
+            groups.append((leaves, order))
+            leaves, seen, order = [], set(), []
+            new = path
+        leaves.append(leaf)
+        seen.update(new)
+        order.extend(new)
+    if leaves:
+        groups.append((leaves, order))
+    return groups
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    # A bar on a terminal only: logs and CI stay clean.
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok", desc="llama-steer: decoding", leave=False)
+
+
+# -- methods --------------------------------------------------------------------
+def _unit(v: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
+    n = float(np.linalg.norm(v))
+    if not math.isfinite(n) or n == 0.0:
+        raise LlamaSteerError("the extracted direction is zero or not finite")
+    return (v / n).astype(np.float32)
+
+
+def _first_pc(x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
+    """First principal component of the rows of x (centred) and its
+    explained-variance ratio."""
+    xc = x - x.mean(axis=0, keepdims=True)
+    if xc.shape[0] < xc.shape[1]:
+        # Fewer samples than dimensions: the top eigenvector of the small
+        # Gram matrix X X^T maps to the top principal axis (X^T u), at a
+        # fraction of a full SVD's cost.
+        evals, evecs = np.linalg.eigh(xc @ xc.T)
+        top = xc.T @ evecs[:, -1]
+        lead, total = float(evals[-1]), float(np.clip(evals, 0, None).sum())
+    else:
+        evals, evecs = np.linalg.eigh(xc.T @ xc)
+        top = evecs[:, -1]
+        lead, total = float(evals[-1]), float(np.clip(evals, 0, None).sum())
+    return top, (lead / total if total > 0 else 0.0)
+
+
+def _probe_direction(pos: npt.NDArray[np.float64], neg: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Logistic-regression weights (L2, plain gradient descent on
+    standardised features), mapped back to the residual basis."""
+    x = np.concatenate([pos, neg])
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
+    z = (x - mu) / sd
+    w = np.zeros(z.shape[1])
+    b = 0.0
+    lam, lr = 1e-2, 0.5
+    for _ in range(300):
+        p = 1.0 / (1.0 + np.exp(-(z @ w + b)))
+        g = p - y
+        w -= lr * (z.T @ g / len(y) + lam * w)
+        b -= lr * float(g.mean())
+    return w / sd
+
+
+def direction(
+    method: str, pos: npt.NDArray[np.float64], neg: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float32], float]:
+    """One layer's direction from positive/negative activations [n_pairs, n_embd];
+    returns (direction, explained variance ratio or NaN)."""
+    diff = pos - neg
+    evr = math.nan
+    if method == "mean_diff":
+        d = diff.mean(axis=0)
+    elif method == "pca_diff":
+        d, evr = _first_pc(diff)
+    elif method == "pca_center":
+        center = (pos + neg) / 2.0
+        d, evr = _first_pc(np.concatenate([pos - center, neg - center]))
+    elif method == "probe":
+        d = _probe_direction(pos, neg)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method != "mean_diff":
+        d = _unit(d)
+    # Deterministic sign: positive examples project higher than negatives.
+    if float(np.mean(pos @ d)) < float(np.mean(neg @ d)):
+        d = -d
+    return d.astype(np.float32), evr
+
+
+def _auc(pos_scores: npt.NDArray[np.float64], neg_scores: npt.NDArray[np.float64]) -> float:
+    """P(score of a positive > score of a negative), ties count half."""
+    diff = pos_scores[:, None] - neg_scores[None, :]
+    return float((np.sum(diff > 0) + 0.5 * np.sum(diff == 0)) / diff.size)
+
+
+def extract(
+    model: Model,
+    pairs: PairsLike,
+    *,
+    method: str = "pca_diff",
+    layers: Iterable[int] | None = None,
+    read: Read = "last",
+    batch_size: int | None = None,
+    progress: bool = True,
+    share_prefixes: bool = True,
+) -> ControlVector:
+    """A control vector from contrastive ``pairs`` on the quantized model.
+
+    ``pairs``: a list of (positive, negative) strings, :class:`Pair` objects
+    or a JSONL/CSV path. ``method``: ``mean_diff`` (CAA: the mean of
+    positive minus negative, unnormalised), ``pca_diff`` (first principal
+    component of the differences), ``pca_center`` (first PC of each pair
+    centred on its mean) or ``probe`` (logistic-regression weights); the last
+    three are unit norm. ``read``: ``"last"`` token, ``"mean"`` over the
+    tokens where the pair's two prompts differ, or a callable choosing
+    positions from a prompt's token ids. ``layers`` default to 1..n_layer-1.
+
+    The vector's ``diagnostics`` hold, per layer: ``explained_variance``
+    (PCA methods), ``heldout_accuracy`` and ``heldout_auc`` (a direction fit
+    without every 5th pair, scored on those pairs: does the positive side
+    project higher), and ``residual_norm`` (mean norm of the captured stream).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    plist = check_pairs(pairs)
+    layer_list = sorted({check_layer(x, model.n_layer) for x in (layers or range(1, model.n_layer))})
+    prompts: list[list[int]] = []
+    reads: list[list[int]] = []
+    for i, p in enumerate(plist):
+        try:
+            tp, tn = model._prompt_tokens(p.positive), model._prompt_tokens(p.negative)
+        except (ValueError, LlamaSteerError) as exc:
+            raise type(exc)(f"pair {i}: {exc}") from exc
+        if tp == tn:
+            raise DatasetError(f"pair {i}: both sides tokenize identically")
+        if read == "mean":
+            c = 0
+            while c < min(len(tp), len(tn)) and tp[c] == tn[c]:
+                c += 1
+            rp = list(range(min(c, len(tp) - 1), len(tp)))
+            rn = list(range(min(c, len(tn) - 1), len(tn)))
+        else:
+            rp, rn = _read_positions(read, tp), _read_positions(read, tn)
+        prompts += [tp, tn]
+        reads += [rp, rn]
+    rows = _capture_rows(model, prompts, reads, layer_list, batch_size, share_prefixes, progress)
+    acts = np.stack([r.mean(axis=0) for r in rows]).astype(np.float64)  # [2n, n_layers, n_embd]
+    if not np.all(np.isfinite(acts)):
+        bad = int(np.argwhere(~np.isfinite(acts))[0][0]) // 2
+        raise LlamaSteerError(f"pair {bad}: the captured activations contain NaN or inf")
+    pos_all, neg_all = acts[0::2], acts[1::2]
+    n = len(plist)
+    held = np.arange(n) % 5 == 4 if n >= 5 else np.zeros(n, dtype=bool)
+    dirs: dict[int, npt.NDArray[np.float32]] = {}
+    diag: dict[str, dict[int, float]] = {
+        "explained_variance": {}, "heldout_accuracy": {}, "heldout_auc": {}, "residual_norm": {}
+    }
+    for li, layer in enumerate(layer_list):
+        pos, neg = pos_all[:, li], neg_all[:, li]
+        d, evr = direction(method, pos, neg)
+        dirs[layer] = d
+        diag["explained_variance"][layer] = evr
+        diag["residual_norm"][layer] = float(np.linalg.norm(np.concatenate([pos, neg]), axis=1).mean())
+        if held.any():
+            d_train, _ = direction(method, pos[~held], neg[~held])
+            sp, sn = pos[held] @ d_train, neg[held] @ d_train
+            diag["heldout_accuracy"][layer] = float(np.mean(sp > sn))
+            diag["heldout_auc"][layer] = _auc(sp, sn)
+    diag_all: dict[str, Any] = dict(diag)
+    diag_all.update(method=method, n_pairs=n, read=read if isinstance(read, str) else "callable")
+    return ControlVector(dirs, model_hint=model.arch, diagnostics=diag_all)
