@@ -200,23 +200,42 @@ class Model:
             self._steering.close()
             self._steering = None
 
-    def _start(self, tokens: Sequence[int], steer: Steer | Sequence[Steer] | None) -> tuple[int, SteeringSession]:
-        """Begin a call on sequence 0: end the previous call's steering, bind
-        this call's, clear the cache and decode the prompt."""
+    def _start(
+        self, token_lists: Sequence[Sequence[int]], steers: Sequence[list[Steer]]
+    ) -> tuple[int, SteeringSession, list[int]]:
+        """Begin a call: end the previous call's steering, bind this call's
+        (sequence i gets ``steers[i]``), clear the cache and decode the
+        prompts. Returns the call's id, its steering session and the batch
+        row of each prompt's last token.
+
+        Each prompt but its last token is decoded on its own, then the last
+        tokens of all prompts together: ggml's CPU attention switches kernels
+        with the number of rows in a ubatch, so this keeps a sequence's
+        numbers the same whether it runs alone or beside others (a sweep in
+        one batch gives the texts of separate runs)."""
         ctx = self._c
-        steers = as_steers(steer)
+        total = sum(len(t) for t in token_lists)
+        if total >= ctx.n_ctx:
+            raise ContextOverflowError(f"the prompts hold {total} tokens; the context holds {ctx.n_ctx}")
+        if len(token_lists) > ctx.n_seq_max:
+            raise ValueError(f"{len(token_lists)} sequences exceed the context's n_seq_max of {ctx.n_seq_max}")
         self._end_steering()
         self._generation += 1
-        session = apply_steering(ctx, self.n_layer, self.n_embd, {0: steers}, {0: len(tokens)})
+        per_seq = {i: s for i, s in enumerate(steers) if s}
+        n_prompt = {i: len(t) for i, t in enumerate(token_lists)}
+        session = apply_steering(ctx, self.n_layer, self.n_embd, per_seq, n_prompt)
         self._steering = session
         try:
             ctx.clear()
-            n = len(tokens)
-            ctx.decode(_core.BatchTokens(list(tokens), list(range(n)), [0] * n, [0] * (n - 1) + [1]))
+            for i, t in enumerate(token_lists):
+                if len(t) > 1:
+                    n = len(t) - 1
+                    ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(n)), [i] * n, [0] * n))
+            ctx.decode_step([t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(len(token_lists))))
         except BaseException:
             self._end_steering()
             raise
-        return self._generation, session
+        return self._generation, session, list(range(len(token_lists)))
 
     def capture(
         self,
@@ -238,7 +257,9 @@ class Model:
     def logits(self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None) -> npt.NDArray[np.float32]:
         """Next-token logits after ``prompt``: float32 array of shape [n_vocab]."""
         tokens = self._prompt_tokens(prompt)
-        self._start(tokens, steer)
+        steers = as_steers(steer)
+        check_fits(self._c, steers, self.n_layer, self.n_embd)
+        self._start([tokens], [steers])
         try:
             return np.asarray(self._c.logits(-1), dtype=np.float32)
         finally:
@@ -259,9 +280,41 @@ class Model:
         """
         params = SamplingParams.from_kwargs(**sampling)
         tokens = self._prompt_tokens(prompt)
+        steers = as_steers(steer)
         # Mistakes surface here, not at the first next().
-        check_fits(self._c, as_steers(steer), self.n_layer, self.n_embd)
-        return self._generate(tokens, params, steer)
+        check_fits(self._c, steers, self.n_layer, self.n_embd)
+        return (tok for _, tok in self._run([tokens], [steers], params))
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        steers: Sequence[Steer | Sequence[Steer] | None] | None = None,
+        **sampling: Any,
+    ) -> Iterator[tuple[int, Token]]:
+        """Sample every prompt as its own sequence in one decode loop.
+
+        ``steers[i]`` (a :class:`Steer`, a list or None) steers sequence i
+        only: e.g. one prompt at several strengths is a sweep in one batch.
+        Yields ``(i, token)`` as tokens are sampled; each sequence stops on
+        its own. With ``seed`` set, sequence i samples with ``seed + i``.
+        """
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of prompts, not one str")
+        token_lists = [self._prompt_tokens(p) for p in prompts]
+        if not token_lists:
+            raise ValueError("no prompts")
+        if len(token_lists) > self._c.n_seq_max:
+            raise ValueError(f"{len(token_lists)} prompts exceed the model's n_seq_max of {self._c.n_seq_max}")
+        if steers is None:
+            steer_lists: list[list[Steer]] = [[] for _ in token_lists]
+        else:
+            if len(steers) != len(token_lists):
+                raise ValueError(f"{len(steers)} steers for {len(token_lists)} prompts")
+            steer_lists = [as_steers(s) for s in steers]
+        for sl in steer_lists:
+            check_fits(self._c, sl, self.n_layer, self.n_embd)
+        params = SamplingParams.from_kwargs(**sampling)
+        return self._run(token_lists, steer_lists, params)
 
     def complete(
         self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None, **sampling: Any
@@ -269,52 +322,79 @@ class Model:
         """The text :meth:`generate` produces, joined."""
         return "".join(t.text for t in self.generate(prompt, steer=steer, **sampling))
 
-    def _generate(
-        self, tokens: list[int], params: SamplingParams, steer: Steer | Sequence[Steer] | None
-    ) -> Iterator[Token]:
+    def _run(
+        self, token_lists: list[list[int]], steers: list[list[Steer]], params: SamplingParams
+    ) -> Iterator[tuple[int, Token]]:
+        """The decode loop behind generate and generate_batch."""
         ctx, model = self._c, self._m
-        sampler = params.make_sampler(model.n_vocab)
-        generation, session = self._start(tokens, steer)
+        n_vocab = model.n_vocab
+        generation, session, rows = self._start(token_lists, steers)
         try:
-            yield from self._sample_loop(ctx, model, sampler, session, generation, params, len(tokens))
+            seqs = [
+                _Sequence(i, len(t), params.with_seed_offset(i).make_sampler(n_vocab), _TextStream(params.stop))
+                for i, t in enumerate(token_lists)
+            ]
+            used = sum(len(t) for t in token_lists)
+            active = seqs if params.max_tokens > 0 else []
+            while active:
+                step: list[_Sequence] = []
+                for sq in active:
+                    token_id, logprob = sq.sampler.sample(ctx, rows[sq.index])
+                    if model.is_eog(token_id):
+                        yield from sq.finish()
+                        continue
+                    text, stopped = sq.stream.push(bytes(model.token_to_piece(token_id, False)))
+                    # A token is yielded once the next one is sampled (or its
+                    # sequence ends), so text held back at the end (a split
+                    # character, a possible stop string) joins the last token.
+                    if sq.held is not None:
+                        yield sq.index, Token(*sq.held)
+                        if generation != self._generation:
+                            raise LlamaSteerError("this generation was ended by a newer call on the same model")
+                    sq.held = (token_id, text, float(logprob))
+                    sq.n_generated += 1
+                    if stopped or sq.n_generated >= params.max_tokens:
+                        yield from sq.finish()
+                        continue
+                    step.append(sq)
+                if used + len(step) > ctx.n_ctx:  # the cache is full: nothing more can be decoded
+                    for sq in step:
+                        yield from sq.finish()
+                    step = []
+                active = step
+                if not active:
+                    break
+                session.update(active[0].n_generated)  # sequences advance in lockstep
+                ctx.decode_step(
+                    [sq.held[0] for sq in active],  # type: ignore[index]
+                    [sq.n_prompt + sq.n_generated - 1 for sq in active],
+                    [sq.index for sq in active],
+                )
+                used += len(active)
+                rows = {sq.index: j for j, sq in enumerate(active)}  # type: ignore[assignment]
         finally:
             session.close()
 
-    def _sample_loop(
-        self,
-        ctx: _core.Context,
-        model: _core.Model,
-        sampler: _core.Sampler,
-        session: SteeringSession,
-        generation: int,
-        params: SamplingParams,
-        n_prompt: int,
-    ) -> Iterator[Token]:
-        stream = _TextStream(params.stop)
-        pos = n_prompt
-        # Each token is yielded once the next one is sampled (or the end is
-        # reached), so text still held back at the end (a split character,
-        # a possible stop-string start) is attached to the last real token.
-        held: tuple[int, str, float] | None = None
-        for _ in range(params.max_tokens):
-            token_id, logprob = sampler.sample(ctx, -1)
-            if model.is_eog(token_id):
-                break
-            text, stopped = stream.push(bytes(model.token_to_piece(token_id, False)))
-            if held is not None:
-                yield Token(*held)
-                if generation != self._generation:
-                    raise LlamaSteerError("this generation was ended by a newer call on the same model")
-            held = (token_id, text, float(logprob))
-            if stopped:
-                break
-            if pos + 1 >= ctx.n_ctx:
-                break  # the context is full: nothing more can be decoded
-            pos += 1
-            session.update(pos - n_prompt)
-            ctx.decode_step([token_id], [pos - 1], [0])
-        if held is not None:
-            yield Token(held[0], held[1] + stream.flush(), held[2])
+
+class _Sequence:
+    """Sampling state of one sequence of a call."""
+
+    __slots__ = ("index", "n_prompt", "sampler", "stream", "held", "n_generated")
+
+    def __init__(self, index: int, n_prompt: int, sampler: _core.Sampler, stream: _TextStream) -> None:
+        self.index = index
+        self.n_prompt = n_prompt
+        self.sampler = sampler
+        self.stream = stream
+        self.held: tuple[int, str, float] | None = None
+        self.n_generated = 0
+
+    def finish(self) -> Iterator[tuple[int, Token]]:
+        if self.held is not None:
+            token_id, text, logprob = self.held
+            self.held = None
+            yield self.index, Token(token_id, text + self.stream.flush(), logprob)
+
 
 class _TextStream:
     """Turns token bytes into text: whole UTF-8 characters only, and text

@@ -4,7 +4,7 @@ sampler chain in the core."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import _core
@@ -61,6 +61,12 @@ class SamplingParams:
         if unknown:
             raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
         return cls(stop=stop_t, **kwargs)
+
+    def with_seed_offset(self, offset: int) -> SamplingParams:
+        """The same parameters with ``seed + offset`` (sequence i of a batch)."""
+        if self.seed is None or offset == 0:
+            return self
+        return replace(self, seed=(self.seed + offset) % (_MAX_SEED + 1))
 
     def make_sampler(self, n_vocab: int) -> _core.Sampler:
         p = _core.SamplerParams()
