@@ -78,3 +78,13 @@ def test_batch_bad_input(model: ls.Model, happy: ls.ControlVector) -> None:
 def test_logits_are_unchanged_by_the_split_prompt_decode(model: ls.Model) -> None:
     # the same prompt, its logits read twice, agree bit for bit
     assert np.array_equal(model.logits("A quiet morning"), model.logits("A quiet morning"))
+
+
+def test_logits_batch_matches_single(model: ls.Model, happy: ls.ControlVector) -> None:
+    prompts = ["The sky is", "My name is", "Water boils at"]
+    steers = [None, ls.Steer(happy, 4.0), None]
+    batch = model.logits_batch(prompts, steers)
+    assert batch.shape == (3, model.n_vocab) and batch.dtype == np.float32
+    for p, s, row in zip(prompts, steers, batch):
+        single = model.logits(p, steer=s)
+        np.testing.assert_allclose(row, single, rtol=1e-5, atol=1e-5 * float(np.abs(single).max()))

@@ -265,6 +265,41 @@ class Model:
         finally:
             self._end_steering()
 
+    def logits_batch(
+        self,
+        prompts: Sequence[Prompt],
+        steers: Sequence[Steer | Sequence[Steer] | None] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Next-token logits of several prompts in one batch: float32
+        [n_prompts, n_vocab]; ``steers[i]`` steers prompt i only."""
+        token_lists, steer_lists = self._batch_args(prompts, steers)
+        self._start(token_lists, steer_lists)
+        try:
+            ctx = self._c
+            return np.stack([np.asarray(ctx.logits(i), dtype=np.float32) for i in range(len(token_lists))])
+        finally:
+            self._end_steering()
+
+    def _batch_args(
+        self, prompts: Sequence[Prompt], steers: Sequence[Steer | Sequence[Steer] | None] | None
+    ) -> tuple[list[list[int]], list[list[Steer]]]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of prompts, not one str")
+        token_lists = [self._prompt_tokens(p) for p in prompts]
+        if not token_lists:
+            raise ValueError("no prompts")
+        if len(token_lists) > self._c.n_seq_max:
+            raise ValueError(f"{len(token_lists)} prompts exceed the model's n_seq_max of {self._c.n_seq_max}")
+        if steers is None:
+            steer_lists: list[list[Steer]] = [[] for _ in token_lists]
+        else:
+            if len(steers) != len(token_lists):
+                raise ValueError(f"{len(steers)} steers for {len(token_lists)} prompts")
+            steer_lists = [as_steers(s) for s in steers]
+        for sl in steer_lists:
+            check_fits(self._c, sl, self.n_layer, self.n_embd)
+        return token_lists, steer_lists
+
     def generate(
         self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None, **sampling: Any
     ) -> Iterator[Token]:
@@ -298,21 +333,7 @@ class Model:
         Yields ``(i, token)`` as tokens are sampled; each sequence stops on
         its own. With ``seed`` set, sequence i samples with ``seed + i``.
         """
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of prompts, not one str")
-        token_lists = [self._prompt_tokens(p) for p in prompts]
-        if not token_lists:
-            raise ValueError("no prompts")
-        if len(token_lists) > self._c.n_seq_max:
-            raise ValueError(f"{len(token_lists)} prompts exceed the model's n_seq_max of {self._c.n_seq_max}")
-        if steers is None:
-            steer_lists: list[list[Steer]] = [[] for _ in token_lists]
-        else:
-            if len(steers) != len(token_lists):
-                raise ValueError(f"{len(steers)} steers for {len(token_lists)} prompts")
-            steer_lists = [as_steers(s) for s in steers]
-        for sl in steer_lists:
-            check_fits(self._c, sl, self.n_layer, self.n_embd)
+        token_lists, steer_lists = self._batch_args(prompts, steers)
         params = SamplingParams.from_kwargs(**sampling)
         return self._run(token_lists, steer_lists, params)
 
