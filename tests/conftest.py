@@ -40,3 +40,20 @@ def any_model(request: pytest.FixtureRequest) -> ls.Model:
     name = "model" if request.param == "smollm2" else "gemma"
     m: ls.Model = request.getfixturevalue(name)
     return m
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from llama_steer import _core
+
+    if _core.supports_gpu_offload():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA/Metal build with a GPU (build with -DGGML_CUDA=ON)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gpu_model(model_path: Path) -> Iterator[ls.Model]:
+    with ls.Model(model_path, n_ctx=2048, n_threads=N_THREADS, n_gpu_layers=-1) as m:
+        yield m

@@ -301,3 +301,33 @@ def test_steering_a_closed_model(model_path) -> None:  # type: ignore[no-untyped
     m.close()
     with pytest.raises(ls.ClosedError):
         m.logits(PROMPT, steer=ls.Steer(v))
+
+
+@pytest.mark.parametrize("layer", [4, 12])
+def test_ablation_removes_the_component(any_model: ls.Model, layer: int) -> None:
+    """After ablation the captured residual at that layer has no component
+    along the direction (|cos| < 1e-3), on every token."""
+    m = any_model
+    ids = m.tokenize(PROMPT)
+    prefixes = [ids[: i + 1] for i in range(len(ids))]  # read "last" of each = every position, one pass
+    rng = np.random.default_rng(layer)
+    r = rng.standard_normal(m.n_embd).astype(np.float32)
+    plain = m.capture(prefixes, layers=[layer])[:, 0]
+    mean_dir = plain.mean(axis=0)  # a direction the stream really uses
+    for direction in (r / np.linalg.norm(r), mean_dir / np.linalg.norm(mean_dir)):
+        direction = direction.astype(np.float32)
+        before = np.abs(plain @ direction) / np.linalg.norm(plain, axis=1)
+        assert before.max() > 1e-2  # there is something to remove
+        steer = ls.Steer({layer: 3.0 * direction}, 1.0, mode="ablate")  # the vector's norm does not matter
+        after = m.capture(prefixes, layers=[layer], steer=steer)[:, 0]
+        cos = np.abs(after @ direction) / np.linalg.norm(after, axis=1)
+        assert cos.max() < 1e-3, cos
+
+
+def test_half_ablation_halves_the_component(model: ls.Model) -> None:
+    layer = 8
+    d = model.capture([PROMPT], layers=[layer])[0, 0]
+    d = (d / np.linalg.norm(d)).astype(np.float32)
+    before = float(model.capture([PROMPT], layers=[layer])[0, 0] @ d)
+    after = float(model.capture([PROMPT], layers=[layer], steer=ls.Steer({layer: d}, 0.5, mode="ablate"))[0, 0] @ d)
+    assert after == pytest.approx(0.5 * before, rel=1e-3)

@@ -1,14 +1,85 @@
-"""The ``llama-steer`` command line."""
+"""The ``llama-steer`` command line.
+
+Every command takes ``--model`` (default: the embedded SmolLM2-135M). User
+mistakes print one line and exit non-zero; they never show a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import sys
+import textwrap
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .errors import LlamaSteerError
 from .model import Model
+from .steer import Steer
+from .vectors import ControlVector
 from .weights import MODELS, default_model_path
+
+DEMO_LAYERS = range(8, 22)  # middle layers of the 30-layer default model
+DEMO_STRENGTH = 6.0
+
+
+class UsageError(argparse.ArgumentTypeError, ValueError):
+    """A bad command-line value (reported as one line, exit code 2)."""
+
+
+# -- argument helpers -----------------------------------------------------------
+def parse_layers(text: str) -> range:
+    """``"a-b"`` (inclusive, as llama.cpp's layer range) or ``"n"``."""
+    try:
+        if "-" in text:
+            a, b = (int(x) for x in text.split("-", 1))
+        else:
+            a = b = int(text)
+    except ValueError:
+        raise UsageError(f"--layers wants A-B or N, got {text!r}") from None
+    if a < 1 or b < a:
+        raise UsageError(f"--layers {text}: want 1 <= A <= B")
+    return range(a, b + 1)
+
+
+def parse_vector_spec(text: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:STRENGTH``."""
+    path, sep, strength = text.rpartition(":")
+    if sep and path and _is_number(strength):
+        return Path(path), float(strength)
+    return Path(text), 1.0
+
+
+def parse_positions(text: str) -> Any:
+    if text in ("all", "prompt", "generated"):
+        return text
+    a, sep, b = text.partition(":")
+    if sep and _is_number(a) and (_is_number(b) or b == ""):
+        return (int(a), int(b) if b else -1)
+    raise UsageError(f"--positions wants all, prompt, generated or P0:P1, got {text!r}")
+
+
+def parse_strengths(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--strengths wants numbers separated by commas, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"--strengths wants finite numbers, got {text!r}")
+    return values
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
 
 
 def _load(args: argparse.Namespace) -> Model:
@@ -16,83 +87,440 @@ def _load(args: argparse.Namespace) -> Model:
     return Model(path, n_ctx=args.n_ctx, n_threads=args.threads)
 
 
+def _steers(args: argparse.Namespace, model: Model) -> list[Steer]:
+    layers = args.layers
+    if getattr(args, "layer_range", None):
+        a, b = args.layer_range
+        layers = range(a, b + 1)
+    positions = args.positions
+    steers = []
+    for spec in args.vector or []:
+        path, strength = parse_vector_spec(spec)
+        vec = ControlVector.load(path)
+        steers.append(Steer(vec, strength * args.scale, layers=_clip(layers, vec), positions=positions))
+    for spec in args.ablate or []:
+        path, strength = parse_vector_spec(spec)
+        vec = ControlVector.load(path)
+        steers.append(Steer(vec, strength, layers=_clip(layers, vec), positions=positions, mode="ablate"))
+    return steers
+
+
+def _clip(layers: range | None, vec: ControlVector) -> list[int] | None:
+    if layers is None:
+        return None
+    chosen = [k for k in layers if k in vec]
+    if not chosen:
+        raise UsageError(f"--layers {layers.start}-{layers.stop - 1} selects none of the vector's layers")
+    return chosen
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF model file (default: the embedded SmolLM2-135M)")
-    p.add_argument("--bundled", default="smollm2-135m", choices=sorted(MODELS), help="embedded model to use")
-    p.add_argument("-c", "--n-ctx", type=int, default=4096, help="context size (default: 4096)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", help="GGUF model file (default: the embedded SmolLM2-135M)")
+    g.add_argument("--bundled", default="smollm2-135m", choices=sorted(MODELS), help="embedded model to use")
+    g.add_argument("-c", "--ctx-size", "--n-ctx", dest="n_ctx", type=int, default=4096, help="context size")
+    g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=128)
-    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("-s", "--seed", type=int, default=None)
+def _add_steer_args(p: argparse.ArgumentParser, *, vector_required: bool = False) -> None:
+    g = p.add_argument_group("steering")
+    g.add_argument(
+        "--vector", "--control-vector-scaled", "--control-vector", action="append", metavar="FILE[:S]",
+        required=vector_required, help="control vector GGUF, optionally with a strength (repeatable)",
+    )
+    g.add_argument("--scale", type=float, default=1.0, help="multiply every --vector strength")
+    g.add_argument("--layers", type=parse_layers, default=None, metavar="A-B", help="steer only layers A..B")
+    g.add_argument(
+        "--control-vector-layer-range", dest="layer_range", nargs=2, type=int, metavar=("A", "B"),
+        help="llama.cpp's spelling of --layers A-B",
+    )
+    g.add_argument(
+        "--positions", type=parse_positions, default="all", metavar="WHICH",
+        help="all, prompt, generated or P0:P1 (default: all)",
+    )
+    g.add_argument("--ablate", action="append", metavar="FILE[:S]", help="project this direction out (repeatable)")
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, object]:
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--n-predict", "--max-tokens", dest="max_tokens", type=int, default=max_tokens)
+    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("-s", "--seed", type=int, default=None)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        seed=args.seed,
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
     )
 
 
+# -- commands ---------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
     with _load(args) as model:
+        steers = _steers(args, model)
         prompt = args.prompt
         if args.chat:
             prompt = model.apply_chat_template([{"role": "user", "content": prompt}])
-        for token in model.generate(prompt, **_sampling(args)):  # type: ignore[arg-type]
+        for token in model.generate(prompt, steer=steers, **_sampling(args)):
             sys.stdout.write(token.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    with _load(args) as model:
+        steers = _steers(args, model)
+        messages: list[dict[str, str]] = []
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print("llama-steer chat. /help for commands, /quit or Ctrl-D to leave.", file=sys.stderr)
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if _chat_command(line, steers, messages, args):
+                    break
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = []
+            for token in model.chat(messages, steer=steers, **_sampling(args)):
+                reply.append(token.text)
+                sys.stdout.write(token.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+CHAT_HELP = """commands:
+  /strength S        set the strength of every vector
+  /vector FILE[:S]   add a control vector
+  /clear             remove all vectors (unsteered)
+  /show              list the vectors in use
+  /reset             forget the conversation
+  /quit              leave"""
+
+
+def _chat_command(line: str, steers: list[Steer], messages: list[dict[str, str]], args: argparse.Namespace) -> bool:
+    cmd, _, rest = line.partition(" ")
+    rest = rest.strip()
+    try:
+        if cmd in ("/quit", "/exit"):
+            return True
+        if cmd == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        elif cmd == "/strength":
+            s = float(rest)
+            steers[:] = [Steer(x.control_vector, s, positions=x.positions, mode=x.mode) for x in steers]
+            print(f"strength {s} for {len(steers)} vector(s)", file=sys.stderr)
+        elif cmd == "/vector":
+            path, s = parse_vector_spec(rest)
+            steers.append(Steer(ControlVector.load(path), s, positions=args.positions))
+            print(f"added {path} at {s}", file=sys.stderr)
+        elif cmd == "/clear":
+            steers.clear()
+            print("steering off", file=sys.stderr)
+        elif cmd == "/show":
+            for x in steers:
+                v = x.control_vector
+                print(f"{x.mode} strength {x.strength} layers {v.layers[0]}..{v.layers[-1]}", file=sys.stderr)
+            if not steers:
+                print("no vectors", file=sys.stderr)
+        elif cmd == "/reset":
+            del messages[:]
+            print("conversation cleared", file=sys.stderr)
+        else:
+            print(f"unknown command {cmd}; /help lists them", file=sys.stderr)
+    except (ValueError, LlamaSteerError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return False
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .extraction import behaviours, extract, load_pairs, persona_pairs
+
+    with _load(args) as model:
+        if args.pairs in behaviours():
+            pairs = persona_pairs(model, args.pairs, max_pairs=args.max_pairs)
+            source = f"bundled '{args.pairs}' personas"
+        else:
+            pairs = load_pairs(args.pairs)[: args.max_pairs]
+            source = args.pairs
+        print(f"extracting {args.method} from {len(pairs)} pairs ({source}) on {model.name}", file=sys.stderr)
+        t0 = time.perf_counter()
+        vec = extract(model, pairs, method=args.method, layers=args.layers, read=args.read, progress=True)
+        dt = time.perf_counter() - t0
+        vec.save(args.output)
+        print(f"{len(pairs)} pairs in {dt:.2f} s ({len(pairs) / dt:.0f} pairs/s); wrote {args.output}", file=sys.stderr)
+        print(separation_table(vec))
+        if args.plot:
+            vec.plot_layers(args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def separation_table(vec: ControlVector) -> str:
+    d = vec.diagnostics
+    rows = ["layer  heldout_auc  heldout_acc  expl_var  resid_norm"]
+    for k in vec.layers:
+        def f(key: str) -> str:
+            v = d.get(key, {}).get(k, math.nan)
+            return "   -   " if math.isnan(v) else f"{v:7.3f}"
+
+        rows.append(f"{k:5d}  {f('heldout_auc'):>11}  {f('heldout_accuracy'):>11}  {f('explained_variance'):>8}  "
+                    f"{d.get('residual_norm', {}).get(k, math.nan):10.1f}")
+    return "\n".join(rows)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    strengths = args.strengths
+    with _load(args) as model:
+        path, base = parse_vector_spec(args.vector)
+        vec = ControlVector.load(path)
+        layers = _clip(args.layers, vec)
+        prompt = args.prompt
+        if args.chat:
+            prompt = model.apply_chat_template([{"role": "user", "content": prompt}])
+        steers = [Steer(vec, base * s, layers=layers, positions=args.positions) for s in strengths]
+        texts = [""] * len(strengths)
+        for i, token in model.generate_batch([prompt] * len(strengths), steers, **_sampling(args)):
+            texts[i] += token.text
+    width = shutil.get_terminal_size((100, 20)).columns
+    for s, text in zip(strengths, texts):
+        body = textwrap.fill(" ".join(text.split()), width=max(40, width - 12), subsequent_indent=" " * 11)
+        print(f"{s:+9.2f}  {body}")
+    if args.plot:
+        plot_sweep(strengths, texts, args.plot, title=args.prompt)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def plot_sweep(strengths: Sequence[float], texts: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """A PNG table of the sweep: one row per strength with its text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrapped = [textwrap.fill(" ".join(t.split()), width=90) for t in texts]
+    heights = [w.count("\n") + 1 for w in wrapped]
+    fig = plt.figure(figsize=(11, 0.9 + 0.22 * sum(h + 1 for h in heights)), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    lo, hi = min(strengths), max(strengths)
+    y = 1.0 - 0.5 / fig.get_figheight()
+    ax.text(0.01, y, f"steering sweep: {title}"[:110], fontsize=11, weight="bold", va="top")
+    y -= 0.45 / fig.get_figheight()
+    cmap = plt.get_cmap("coolwarm")
+    for s, w, h in zip(strengths, wrapped, heights):
+        colour = cmap(0.5 if hi == lo else (s - lo) / (hi - lo))
+        ax.text(0.01, y, f"{s:+.1f}", fontsize=10, weight="bold", va="top", color=colour)
+        ax.text(0.08, y, w, fontsize=9, va="top", family="monospace")
+        y -= 0.22 * (h + 1) / fig.get_figheight()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import gguf
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:
+        raise LlamaSteerError(f"{path}: not a readable GGUF file ({exc})") from exc
+
+    def field(name: str) -> Any:
+        f = reader.fields.get(name)
+        if f is None:
+            return None
+        if f.types and f.types[0] == gguf.GGUFValueType.STRING:
+            return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+        return f.parts[f.data[0]][0]
+
+    arch = field("general.architecture")
+    size_mb = path.stat().st_size / 2**20
+    if arch == "controlvector":
+        vec = ControlVector.load(path)
+        print(f"control vector: {path} ({size_mb:.2f} MiB)")
+        print(f"  model hint: {vec.model_hint or '-'}")
+        print(f"  layers: {vec.layers[0]}..{vec.layers[-1]} ({len(vec)}), n_embd {vec.n_embd}")
+        print("  layer      norm")
+        for k in vec.layers:
+            print(f"  {k:5d}  {float(np.linalg.norm(vec[k])):8.3f}")
+        return 0
+    print(f"model: {path} ({size_mb:.1f} MiB)")
+    print(f"  name: {field('general.name') or '-'}")
+    print(f"  architecture: {arch}")
+    for key in ("block_count", "embedding_length", "context_length", "attention.head_count"):
+        print(f"  {key}: {field(f'{arch}.{key}')}")
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    print(f"  tensors: {len(reader.tensors)} ({', '.join(f'{k} x{v}' for k, v in sorted(types.items()))})")
+    print(f"  chat template: {'yes' if field('tokenizer.chat_template') else 'no'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, load_ab_dataset, plot_curve
+
+    with _load(args) as model:
+        path, base = parse_vector_spec(args.vector)
+        vec = ControlVector.load(path)
+        data = load_ab_dataset(args.dataset)
+        result = evaluate(model, vec * base, data, args.strengths, layers=_clip(args.layers, vec), progress=True)
+    print(result.as_table())
+    if args.plot:
+        plot_curve(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .extraction import extract, persona_pairs
+
+    t0 = time.perf_counter()
     with _load(args) as model:
         print(f"model: {model.name} ({model.arch}, {model.n_layer} layers, n_embd {model.n_embd})")
-        question = "Tell me about your day in two sentences."
+        pairs = persona_pairs(model, "happy")
+        t1 = time.perf_counter()
+        vec = extract(model, pairs, method="pca_diff", progress=True)
+        print(f"extracted a happy/sad vector from {len(pairs)} pairs in {time.perf_counter() - t1:.1f} s")
+        question = args.prompt
         prompt = model.apply_chat_template([{"role": "user", "content": question}])
-        print(f"prompt: {question}\n")
-        for token in model.generate(prompt, max_tokens=args.max_tokens, temperature=0):
-            sys.stdout.write(token.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        s = args.strength
+        layers = list(DEMO_LAYERS) if model.n_layer == 30 else None
+        columns = [("unsteered", 0.0), (f"happy +{s:g}", s), (f"sad -{s:g}", -s)]
+        steers = [Steer(vec, st, layers=layers) for _, st in columns]
+        texts = [""] * len(columns)
+        for i, token in model.generate_batch([prompt] * len(columns), steers, max_tokens=args.max_tokens,
+                                             temperature=0):
+            texts[i] += token.text
+        print(f"\nprompt: {question}   (layers {DEMO_LAYERS.start}-{DEMO_LAYERS.stop - 1}, greedy)\n")
+        print(side_by_side([c for c, _ in columns], texts))
+        if args.plot:
+            from .evaluate import evaluate, load_ab_dataset, plot_curve
+
+            data = load_ab_dataset("happy")
+            strengths = [-s, -s / 2, 0.0, s / 2, s]
+            result = evaluate(model, vec, data, strengths, layers=layers, progress=True)
+            plot_curve(result, args.plot)
+            print(f"\nsteering curve on the bundled happy A/B set: "
+                  + ", ".join(f"{st:+g}: {m:.2f}" for st, m in zip(result.strengths, result.mean)))
+            print(f"wrote {args.plot}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama-steer", description="Steer local GGUF language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def side_by_side(headers: Sequence[str], texts: Sequence[str]) -> str:
+    width = shutil.get_terminal_size((120, 20)).columns
+    col = max(24, (width - 3 * (len(headers) - 1)) // len(headers))
+    cols = [textwrap.wrap(" ".join(t.split()), width=col) or [""] for t in texts]
+    n = max(len(c) for c in cols)
+    lines = [" | ".join(h.ljust(col) for h in headers), "-+-".join("-" * col for _ in headers)]
+    for r in range(n):
+        lines.append(" | ".join((c[r] if r < len(c) else "").ljust(col) for c in cols))
+    return "\n".join(line.rstrip() for line in lines)
 
-    p = sub.add_parser("demo", help="run the demo on the embedded model")
+
+# -- parser -------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-steer",
+        description="Steer local GGUF language models with control vectors, inside llama.cpp.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="extract a happy/sad vector and show steered output side by side")
+    p.add_argument("--prompt", default="How are you feeling today?")
+    p.add_argument("--strength", type=float, default=DEMO_STRENGTH)
+    p.add_argument("-n", "--max-tokens", type=int, default=48)
+    p.add_argument("--plot", default="steering-curve.png", help="steering-curve PNG ('' to skip)")
     _add_model_args(p)
-    p.add_argument("-n", "--max-tokens", type=int, default=64)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("generate", help="stream a completion of PROMPT")
+    p = sub.add_parser("extract", help="extract a control vector from contrastive pairs")
+    p.add_argument("pairs", help="JSONL/CSV file of positive/negative pairs, or a bundled behaviour (happy, honest, calm)")
+    p.add_argument("-o", "--output", required=True, help="control vector GGUF to write")
+    p.add_argument("--method", default="pca_diff", choices=["mean_diff", "pca_diff", "pca_center", "probe"])
+    p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B")
+    p.add_argument("--read", default="last", choices=["last", "mean"])
+    p.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
+    p.add_argument("--plot", help="write a PNG of separation by layer")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("generate", help="stream a (steered) completion of PROMPT")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
-    _add_model_args(p)
+    _add_steer_args(p)
     _add_sampling_args(p)
+    _add_model_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with steering (/help inside)")
+    p.add_argument("--system", help="system message")
+    _add_steer_args(p)
+    _add_sampling_args(p, max_tokens=256)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("sweep", help="one prompt at several strengths, decoded together in one batch")
+    p.add_argument("prompt")
+    p.add_argument("--vector", required=True, metavar="FILE[:S]")
+    p.add_argument("--strengths", type=parse_strengths, default=parse_strengths("-8,-4,0,4,8"), metavar="S,S,...")
+    p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B")
+    p.add_argument("--positions", type=parse_positions, default="all", metavar="WHICH")
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
+    p.add_argument("--plot", help="write the sweep as a PNG table")
+    _add_sampling_args(p, max_tokens=64)
+    p.set_defaults(temperature=0.0)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("inspect", help="describe a control-vector or model GGUF")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("evaluate", help="steering curve on an A/B behaviour dataset (CAA format)")
+    p.add_argument("--vector", required=True, metavar="FILE[:S]")
+    p.add_argument("--dataset", default="happy", help="CAA-format JSON file or a bundled name (default: happy)")
+    p.add_argument("--strengths", type=parse_strengths, default=parse_strengths("-6,-3,0,3,6"), metavar="S,S,...")
+    p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B")
+    p.add_argument("--plot", help="write the steering curve PNG")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except UsageError as exc:
+        print(f"llama-steer: error: {exc}", file=sys.stderr)
+        return 2
     except (LlamaSteerError, ValueError, OSError) as exc:
         # User mistakes and bad files: one clear line, no traceback.
         print(f"llama-steer: error: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from . import _core
 from .errors import DatasetError, LlamaSteerError
+from .steer import Steer, apply_steering, as_steers, check_fits
 from .vectors import ControlVector, check_layer
 
 if TYPE_CHECKING:
@@ -222,14 +223,22 @@ def capture(
     batch_size: int | None = None,
     share_prefixes: bool = True,
     progress: bool = False,
+    steer: Steer | Sequence[Steer] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Residual stream (block outputs) of ``prompts``.
 
     Returns float32 [n_prompts, n_layers, n_embd]; ``layers`` default to all
     (0..n_layer-1, output of block N at index N). ``read`` is ``"last"`` (the
     last token), ``"mean"`` (mean over all tokens) or a callable mapping a
-    prompt's token ids to the positions to average.
+    prompt's token ids to the positions to average. ``steer`` applies to
+    every prompt while capturing (positions "all" or an explicit window);
+    the captured rows include its effect at their layer.
     """
+    steers = as_steers(steer)
+    for s in steers:
+        if s.positions in ("prompt", "generated"):
+            raise ValueError("capture takes steering on positions 'all' or an explicit (p0, p1) window")
+    check_fits(model._c, steers, model.n_layer, model.n_embd)
     token_lists = [model._prompt_tokens(p) for p in prompts]
     if not token_lists:
         raise ValueError("no prompts to capture")
@@ -238,7 +247,7 @@ def capture(
     for il in layer_list:
         if not 0 <= il < model.n_layer:
             raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
-    rows = _capture_rows(model, token_lists, positions, layer_list, batch_size, share_prefixes, progress)
+    rows = _capture_rows(model, token_lists, positions, layer_list, batch_size, share_prefixes, progress, steers)
     return np.stack([r.mean(axis=0) if r.shape[0] > 1 else r[0] for r in rows]).astype(np.float32, copy=False)
 
 
@@ -264,6 +273,7 @@ def _capture_rows(
     batch_size: int | None,
     share_prefixes: bool,
     progress: bool,
+    steers: Sequence[Steer] = (),
 ) -> list[npt.NDArray[np.float32]]:
     """Per prompt, the captured rows [n_positions, n_layers, n_embd]."""
     ctx = model._c
@@ -311,7 +321,14 @@ def _capture_rows(
                     out_nodes.append(n)
             ctx.clear()
             if out_nodes:
-                captured = ctx.decode_capture(_core.BatchTokens(toks, pos, seq, out, offsets))
+                # Every sequence of the group gets the same steering, so a
+                # token shared by several sequences is steered the same way.
+                per_seq = {s: list(steers) for s in range(len(leaves))} if steers else {}
+                session = apply_steering(ctx, model.n_layer, model.n_embd, per_seq, dict.fromkeys(per_seq, 0))
+                try:
+                    captured = ctx.decode_capture(_core.BatchTokens(toks, pos, seq, out, offsets))
+                finally:
+                    session.close()
                 for n, row in zip(out_nodes, captured):
                     results[n] = row
             bar.update(len(nodes))

@@ -242,6 +242,8 @@ class Model:
         prompts: Sequence[Prompt],
         layers: Iterable[int] | None = None,
         read: Read = "last",
+        *,
+        steer: Steer | Sequence[Steer] | None = None,
         **kwargs: Any,
     ) -> npt.NDArray[np.float32]:
         """Residual stream of ``prompts``: float32 [n_prompts, n_layers, n_embd].
@@ -252,7 +254,7 @@ class Model:
         """
         from .extraction import capture
 
-        return capture(self, prompts, layers, read, **kwargs)
+        return capture(self, prompts, layers, read, steer=steer, **kwargs)
 
     def logits(self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None) -> npt.NDArray[np.float32]:
         """Next-token logits after ``prompt``: float32 array of shape [n_vocab]."""
@@ -336,6 +338,17 @@ class Model:
         token_lists, steer_lists = self._batch_args(prompts, steers)
         params = SamplingParams.from_kwargs(**sampling)
         return self._run(token_lists, steer_lists, params)
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        steer: Steer | Sequence[Steer] | None = None,
+        **sampling: Any,
+    ) -> Iterator[Token]:
+        """The assistant's reply to ``messages`` (``[{"role", "content"}, ...]``),
+        formatted with the model's chat template, token by token."""
+        return self.generate(self.apply_chat_template(messages), steer=steer, **sampling)
 
     def complete(
         self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None, **sampling: Any

@@ -1,0 +1,96 @@
+"""Extraction speed and memory on the quantized model.
+
+Default model, 2 threads, 178 repeng-style persona pairs (happy/sad personas
+x progressively longer sentence prefixes, in the chat template), pca_diff
+over all layers. Prints pairs/s end to end (pairs in, vector out) and the
+peak RSS of a fresh process that loads the model and extracts, next to the
+figures of repeng 0.4.0 and llama.cpp's cvector-generator. repeng is run in
+the same script only when it is installed (it needs torch, transformers and
+the HF weights); otherwise the reference figures measured on this machine
+for the issue are printed and labelled as such.
+
+    python benchmarks/bench_extract.py [--pairs 178] [--threads 2] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import llama_steer as ls
+
+REPENG_PAIRS_S, REPENG_RSS_MB = 12.1, 2400  # repeng 0.4.0, fp32, torch 2.13 CPU (issue's measurement here)
+CVECTOR_PAIRS_S, CVECTOR_RSS_MB = 4.9, 760  # llama.cpp cvector-generator (issue's measurement here)
+
+CHILD = r"""
+import json, resource, sys, time
+import llama_steer as ls
+n_pairs, threads, share = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+t0 = time.perf_counter()
+m = ls.Model(ls.default_model_path(), n_ctx=4096, n_threads=threads)
+t_load = time.perf_counter() - t0
+pairs = ls.persona_pairs(m, "happy", max_pairs=n_pairs)
+t1 = time.perf_counter()
+v = ls.extract(m, pairs, method="pca_diff", progress=False, share_prefixes=share)
+t_extract = time.perf_counter() - t1
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"load_s": t_load, "extract_s": t_extract, "rss_mb": rss, "n_pairs": len(pairs)}))
+"""
+
+
+def run_child(n_pairs: int, threads: int, share: bool = True) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(n_pairs), str(threads), "1" if share else "0"],
+                         check=True, capture_output=True, text=True).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=178)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-sharing-run", action="store_true", help="skip the run without prefix sharing")
+    args = ap.parse_args()
+
+    with ls.Model(ls.default_model_path(), n_ctx=4096, n_threads=args.threads) as m:
+        pairs = ls.persona_pairs(m, "happy", max_pairs=args.pairs)
+        tokens = sum(len(m.tokenize(p.positive, parse_special=True)) + len(m.tokenize(p.negative, parse_special=True))
+                     for p in pairs)
+        ls.extract(m, pairs[:20], progress=False)  # warm-up: graph reserve with capture
+        times = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            ls.extract(m, pairs, method="pca_diff", progress=False)
+            times.append(time.perf_counter() - t)
+    best_in_process = len(pairs) / statistics.median(times)
+    fresh = run_child(args.pairs, args.threads)
+    fresh_rate = fresh["n_pairs"] / fresh["extract_s"]
+
+    print(f"{len(pairs)} pairs, {tokens} prompt tokens ({tokens / (2 * len(pairs)):.1f} a prompt), "
+          f"pca_diff over 29 layers, {args.threads} threads")
+    print(f"llama-steer, warm process (median of {args.reps}): {best_in_process:7.1f} pairs/s")
+    print(f"llama-steer, fresh process (first call):         {fresh_rate:7.1f} pairs/s, "
+          f"peak RSS {fresh['rss_mb']:.0f} MB (model load {fresh['load_s']:.2f} s)")
+    if not args.no_sharing_run:
+        flat = run_child(args.pairs, args.threads, share=False)
+        print(f"  without prefix sharing (fresh process):        {flat['n_pairs'] / flat['extract_s']:7.1f} pairs/s")
+    try:
+        import repeng  # noqa: F401
+    except ImportError:
+        print(f"repeng not installed: reference measured here for the issue: {REPENG_PAIRS_S} pairs/s, "
+              f"{REPENG_RSS_MB} MB -> ratio {fresh_rate / REPENG_PAIRS_S:.1f}x (not re-measured in this run)")
+    else:
+        print("repeng is installed, but running it needs the HF weights of the model, which this script "
+              "cannot fetch; reference figure as above")
+    print(f"cvector-generator reference (issue): {CVECTOR_PAIRS_S} pairs/s, {CVECTOR_RSS_MB} MB -> ratio "
+          f"{fresh_rate / CVECTOR_PAIRS_S:.1f}x (not re-measured in this run)")
+    print(f"targets: >= 100 pairs/s end to end, peak RSS <= 400 MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The llama-steer command line, run as a user would (subprocess, real model)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import llama_steer as ls
+
+CLI = [sys.executable, "-m", "llama_steer"]
+
+
+def run(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, input=stdin, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def vector_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "happy.gguf"
+    r = run("extract", "happy", "--max-pairs", "80", "-o", str(out), "-t", "2")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_help_on_every_command() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("demo", "extract", "generate", "chat", "sweep", "inspect", "evaluate"):
+        assert cmd in r.stdout
+        h = run(cmd, "--help")
+        assert h.returncode == 0 and "usage:" in h.stdout, cmd
+
+
+def test_extract_writes_vector_and_table(vector_file: Path, tmp_path: Path) -> None:
+    v = ls.ControlVector.load(vector_file)
+    assert v.layers == list(range(1, 30)) and v.model_hint == "llama"
+    png = tmp_path / "layers.png"
+    r = run("extract", "happy", "--max-pairs", "40", "--layers", "5-20", "--method", "mean_diff",
+            "-o", str(tmp_path / "v.gguf"), "--plot", str(png), "-t", "2")
+    assert r.returncode == 0, r.stderr
+    assert "heldout_auc" in r.stdout and r.stdout.count("\n") >= 16
+    assert png.stat().st_size > 10_000
+    assert ls.ControlVector.load(tmp_path / "v.gguf").layers == list(range(5, 21))
+
+
+def test_generate_steered_vs_plain(vector_file: Path) -> None:
+    base = ["generate", "How are you today?", "--chat", "-n", "24", "--temp", "0", "-t", "2"]
+    plain = run(*base)
+    happy = run(*base, "--vector", f"{vector_file}:6", "--layers", "8-21")
+    alias = run(*base, "--control-vector-scaled", f"{vector_file}:6", "--control-vector-layer-range", "8", "21")
+    assert plain.returncode == happy.returncode == alias.returncode == 0, happy.stderr
+    assert plain.stdout.strip() and happy.stdout.strip() != plain.stdout.strip()
+    assert alias.stdout == happy.stdout
+    ablate = run(*base, "--ablate", str(vector_file), "--positions", "generated")
+    assert ablate.returncode == 0, ablate.stderr
+
+
+def test_sweep_matches_separate_generate(vector_file: Path, tmp_path: Path) -> None:
+    png = tmp_path / "sweep.png"
+    r = run("sweep", "How are you today?", "--chat", "--vector", str(vector_file), "--strengths=-6,0,6",
+            "--layers", "8-21", "-n", "20", "--plot", str(png), "-t", "2", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert png.stat().st_size > 5_000
+    for s in ("-6", "0", "6"):
+        single = run("generate", "How are you today?", "--chat", "-n", "20", "--temp", "0", "-t", "2",
+                     "--vector", f"{vector_file}:{s}", "--layers", "8-21")
+        text = " ".join(single.stdout.split())
+        assert any(text[:40] in " ".join(ln.split()) for ln in lines), (s, text, r.stdout)
+
+
+def test_chat_session_with_commands(vector_file: Path) -> None:
+    script = "\n".join([
+        "Hello!", "/vector " + f"{vector_file}:6", "/show", "/strength -6", "How are you?", "/clear", "/reset",
+        "/unknown", "/quit",
+    ]) + "\n"
+    r = run("chat", "-n", "16", "--temp", "0", "-t", "2", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert "added" in r.stderr and "strength -6" in r.stderr and "unknown command" in r.stderr
+    assert len([ln for ln in r.stdout.splitlines() if ln.strip()]) >= 2
+
+
+def test_inspect_vector_and_model(vector_file: Path, model_path: Path) -> None:
+    r = run("inspect", str(vector_file))
+    assert r.returncode == 0 and "model hint: llama" in r.stdout and "layers: 1..29" in r.stdout
+    r = run("inspect", str(model_path))
+    assert r.returncode == 0 and "architecture: llama" in r.stdout and "block_count: 30" in r.stdout
+
+
+def test_evaluate_writes_curve(vector_file: Path, tmp_path: Path) -> None:
+    png = tmp_path / "curve.png"
+    r = run("evaluate", "--vector", str(vector_file), "--strengths=-4,0,4", "--layers", "8-21",
+            "--plot", str(png), "-t", "2")
+    assert r.returncode == 0, r.stderr
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["generate", "hi", "--vector", "/nonexistent.gguf"], 1, "no such control-vector file"),
+        (["generate", "hi", "--layers", "9-3"], 2, "--layers"),
+        (["generate", "hi", "--positions", "middle"], 2, "--positions"),
+        (["sweep", "hi", "--vector", "x.gguf", "--strengths", "a,b"], 2, "--strengths"),
+        (["generate", "hi", "-m", "/nonexistent/model.gguf"], 1, "cannot open"),
+        (["generate", "hi", "--temp", "-1"], 1, "temperature"),
+        (["inspect", "/nonexistent.gguf"], 2, "no such file"),
+        (["extract", "/nonexistent.jsonl", "-o", "/tmp/x.gguf"], 1, "no such pairs file"),
+    ],
+)
+def test_user_mistakes_give_one_line(args: list[str], code: int, message: str) -> None:
+    r = run(*args, "-t", "2") if args[0] != "inspect" else run(*args)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_demo_runs(tmp_path: Path) -> None:
+    png = tmp_path / "curve.png"
+    r = run("demo", "-n", "16", "--plot", str(png), "-t", "2", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "unsteered" in r.stdout and "happy +" in r.stdout and "sad -" in r.stdout
+    assert png.stat().st_size > 10_000
