@@ -43,8 +43,12 @@ print(json.dumps({"load_s": t_load, "extract_s": t_extract, "rss_mb": rss, "n_pa
 
 
 def run_child(n_pairs: int, threads: int, share: bool = True) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(n_pairs), str(threads), "1" if share else "0"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(n_pairs), str(threads), "1" if share else "0"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -59,8 +63,10 @@ def main() -> None:
 
     with ls.Model(ls.default_model_path(), n_ctx=4096, n_threads=args.threads) as m:
         pairs = ls.persona_pairs(m, "happy", max_pairs=args.pairs)
-        tokens = sum(len(m.tokenize(p.positive, parse_special=True)) + len(m.tokenize(p.negative, parse_special=True))
-                     for p in pairs)
+        tokens = sum(
+            len(m.tokenize(p.positive, parse_special=True)) + len(m.tokenize(p.negative, parse_special=True))
+            for p in pairs
+        )
         ls.extract(m, pairs[:20], progress=False)  # warm-up: graph reserve with capture
         times = []
         for _ in range(args.reps):
@@ -71,25 +77,35 @@ def main() -> None:
     fresh = run_child(args.pairs, args.threads)
     fresh_rate = fresh["n_pairs"] / fresh["extract_s"]
 
-    print(f"{len(pairs)} pairs, {tokens} prompt tokens ({tokens / (2 * len(pairs)):.1f} a prompt), "
-          f"pca_diff over 29 layers, {args.threads} threads")
+    print(
+        f"{len(pairs)} pairs, {tokens} prompt tokens ({tokens / (2 * len(pairs)):.1f} a prompt), "
+        f"pca_diff over 29 layers, {args.threads} threads"
+    )
     print(f"llama-steer, warm process (median of {args.reps}): {best_in_process:7.1f} pairs/s")
-    print(f"llama-steer, fresh process (first call):         {fresh_rate:7.1f} pairs/s, "
-          f"peak RSS {fresh['rss_mb']:.0f} MB (model load {fresh['load_s']:.2f} s)")
+    print(
+        f"llama-steer, fresh process (first call):         {fresh_rate:7.1f} pairs/s, "
+        f"peak RSS {fresh['rss_mb']:.0f} MB (model load {fresh['load_s']:.2f} s)"
+    )
     if not args.no_sharing_run:
         flat = run_child(args.pairs, args.threads, share=False)
         print(f"  without prefix sharing (fresh process):        {flat['n_pairs'] / flat['extract_s']:7.1f} pairs/s")
     try:
         import repeng  # noqa: F401
     except ImportError:
-        print(f"repeng not installed: reference measured here for the issue: {REPENG_PAIRS_S} pairs/s, "
-              f"{REPENG_RSS_MB} MB -> ratio {fresh_rate / REPENG_PAIRS_S:.1f}x (not re-measured in this run)")
+        print(
+            f"repeng not installed: reference measured here for the issue: {REPENG_PAIRS_S} pairs/s, "
+            f"{REPENG_RSS_MB} MB -> ratio {fresh_rate / REPENG_PAIRS_S:.1f}x (not re-measured in this run)"
+        )
     else:
-        print("repeng is installed, but running it needs the HF weights of the model, which this script "
-              "cannot fetch; reference figure as above")
-    print(f"cvector-generator reference (issue): {CVECTOR_PAIRS_S} pairs/s, {CVECTOR_RSS_MB} MB -> ratio "
-          f"{fresh_rate / CVECTOR_PAIRS_S:.1f}x (not re-measured in this run)")
-    print(f"targets: >= 100 pairs/s end to end, peak RSS <= 400 MB")
+        print(
+            "repeng is installed, but running it needs the HF weights of the model, which this script "
+            "cannot fetch; reference figure as above"
+        )
+    print(
+        f"cvector-generator reference (issue): {CVECTOR_PAIRS_S} pairs/s, {CVECTOR_RSS_MB} MB -> ratio "
+        f"{fresh_rate / CVECTOR_PAIRS_S:.1f}x (not re-measured in this run)"
+    )
+    print("targets: >= 100 pairs/s end to end, peak RSS <= 400 MB")
 
 
 if __name__ == "__main__":

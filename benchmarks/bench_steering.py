@@ -20,9 +20,8 @@ import statistics
 import subprocess
 import time
 
-import numpy as np
-
 import llama_steer as ls
+import numpy as np
 
 
 def random_vector(model: ls.Model, seed: int = 0, norm: float = 2.0) -> ls.ControlVector:
@@ -61,9 +60,30 @@ def upstream_batched(model_path: str, threads: int) -> str:
 
     exe = build_tools("llama-batched-bench") / "llama-batched-bench"
     out = subprocess.run(
-        [str(exe), "-m", model_path, "-c", "2048", "-b", "512", "-ub", "512", "-npp", "32", "-ntg", "64",
-         "-npl", "1,8", "-t", str(threads), "-tb", str(threads)],
-        check=True, capture_output=True, text=True,
+        [
+            str(exe),
+            "-m",
+            model_path,
+            "-c",
+            "2048",
+            "-b",
+            "512",
+            "-ub",
+            "512",
+            "-npp",
+            "32",
+            "-ntg",
+            "64",
+            "-npl",
+            "1,8",
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return "\n".join(line for line in out.splitlines() if line.startswith("|"))
 
@@ -77,13 +97,15 @@ def main() -> None:
     path = ls.default_model_path()
     with ls.Model(path, n_ctx=2048, n_threads=args.threads) as model:
         v = random_vector(model)
+        n_steered = len(v)
         prompt = "Once upon a time"
         sched = [math.sin(i / 3.0) for i in range(200)]
         one = {
             "unsteered": lambda: decode_rate(model.generate(prompt, max_tokens=129, temperature=0)),
             "all layers": lambda: decode_rate(model.generate(prompt, max_tokens=129, temperature=0, steer=ls.Steer(v))),
             "schedule": lambda: decode_rate(
-                model.generate(prompt, max_tokens=129, temperature=0, steer=ls.Steer(v, strength=sched))),
+                model.generate(prompt, max_tokens=129, temperature=0, steer=ls.Steer(v, strength=sched))
+            ),
         }
         one["unsteered"]()  # warm-up
         r1 = interleaved(one, args.reps)
@@ -95,19 +117,23 @@ def main() -> None:
         batch = {
             "8 seqs unsteered": lambda: decode_rate(model.generate_batch(prompts, max_tokens=64, temperature=0)),
             "8 seqs, own strengths": lambda: decode_rate(
-                model.generate_batch(prompts, steers, max_tokens=64, temperature=0)),
+                model.generate_batch(prompts, steers, max_tokens=64, temperature=0)
+            ),
         }
         r8 = interleaved(batch, args.reps)
 
     print(f"model {path.name}, {args.threads} threads, median of {args.reps} interleaved runs")
-    print(f"1 sequence, 128 greedy tokens:")
+    print("1 sequence, 128 greedy tokens:")
     print(f"  unsteered                  {r1['unsteered']:7.1f} tok/s")
-    print(f"  vector on all {model.n_layer - 1} layers   {r1['all layers']:7.1f} tok/s   ratio {r1['all layers'] / r1['unsteered']:.3f} (target >= 0.97)")
+    ratio = r1["all layers"] / r1["unsteered"]
+    print(f"  vector on all {n_steered} layers   {r1['all layers']:7.1f} tok/s   ratio {ratio:.3f} (target >= 0.97)")
     print(f"  new strength every token   {r1['schedule']:7.1f} tok/s   ratio {r1['schedule'] / r1['unsteered']:.3f}")
-    print(f"8 sequences x 64 tokens (32-token prompts), aggregate decode:")
+    print("8 sequences x 64 tokens (32-token prompts), aggregate decode:")
     print(f"  unsteered                  {r8['8 seqs unsteered']:7.1f} tok/s")
-    print(f"  each its own strength      {r8['8 seqs, own strengths']:7.1f} tok/s   ratio "
-          f"{r8['8 seqs, own strengths'] / r8['8 seqs unsteered']:.3f} (target >= 0.95)")
+    print(
+        f"  each its own strength      {r8['8 seqs, own strengths']:7.1f} tok/s   ratio "
+        f"{r8['8 seqs, own strengths'] / r8['8 seqs unsteered']:.3f} (target >= 0.95)"
+    )
     if not args.no_upstream:
         print("upstream llama-batched-bench, same source and threads (S_TG = generation tok/s):")
         print(upstream_batched(str(path), args.threads))

@@ -16,21 +16,31 @@ BUILD = ROOT / "build" / "upstream-tools"
 def build_tools(*targets: str) -> Path:
     """Configure once and build ``targets`` (e.g. "llama-bench"); returns bin/."""
     subprocess.run([sys.executable, str(ROOT / "third_party" / "fetch_llama_cpp.py")], check=True)
-    if not (BUILD / "CMakeCache.txt").exists():
+    if not (BUILD / "build.ninja").exists():
         flags = [
-            "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-            "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON",
-            "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF",
-            "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DGGML_NATIVE=OFF",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            "-DBUILD_SHARED_LIBS=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=ON",
+            "-DLLAMA_BUILD_TOOLS=ON",
+            "-DLLAMA_BUILD_SERVER=OFF",
+            "-DGGML_AMX_TILE=OFF",
+            "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_BF16=OFF",
         ]
         flags += [f"-DGGML_{f}=ON" for f in cpu_flags()]
         launcher = subprocess.run(["sh", "-c", "command -v ccache"], capture_output=True, text=True).stdout.strip()
         if launcher:
             flags += [f"-DCMAKE_C_COMPILER_LAUNCHER={launcher}", f"-DCMAKE_CXX_COMPILER_LAUNCHER={launcher}"]
-        subprocess.run(["cmake", "-S", str(LLAMA_CPP), "-B", str(BUILD), "-G", "Ninja", *flags], check=True,
-                       stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(BUILD), "-j2", "--target", *targets], check=True,
-                   stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["cmake", "-S", str(LLAMA_CPP), "-B", str(BUILD), "-G", "Ninja", *flags],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    subprocess.run(["cmake", "--build", str(BUILD), "-j2", "--target", *targets], check=True, stdout=subprocess.DEVNULL)
     return BUILD / "bin"
 
 
@@ -41,8 +51,13 @@ def cpu_flags() -> list[str]:
         info = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return flags
-    for opt, cpu in (("AVX512", "avx512f"), ("AVX512_VNNI", "avx512_vnni"), ("AVX512_VBMI", "avx512vbmi"),
-                     ("AVX512_BF16", "avx512_bf16"), ("AVX_VNNI", "avx_vnni")):
+    for opt, cpu in (
+        ("AVX512", "avx512f"),
+        ("AVX512_VNNI", "avx512_vnni"),
+        ("AVX512_VBMI", "avx512vbmi"),
+        ("AVX512_BF16", "avx512_bf16"),
+        ("AVX_VNNI", "avx_vnni"),
+    ):
         if cpu in info:
             flags.append(opt)
     return flags
@@ -53,7 +68,9 @@ def llama_bench_tg(model: Path, n_gen: int, threads: int, reps: int) -> float:
     exe = build_tools("llama-bench") / "llama-bench"
     out = subprocess.run(
         [str(exe), "-m", str(model), "-p", "0", "-n", str(n_gen), "-t", str(threads), "-r", str(reps), "-o", "json"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     rows = json.loads(out)
     return float(rows[0]["avg_ts"])

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import llama_steer as ls
+import pytest
 
 N_THREADS = 2
 

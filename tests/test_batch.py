@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import llama_steer as ls
 import numpy as np
 import pytest
-
-import llama_steer as ls
 
 PROMPT = "Tell me about your day."
 
@@ -31,7 +30,9 @@ def test_sweep_in_one_batch_equals_separate_runs(model: ls.Model, happy: ls.Cont
     prompt = model.apply_chat_template([{"role": "user", "content": PROMPT}])
     strengths = [-6.0, -3.0, 0.0, 3.0, 6.0]
     steers = [ls.Steer(happy, s, layers=range(8, 22)) for s in strengths]
-    batch = _collect(model.generate_batch([prompt] * len(strengths), steers, max_tokens=24, temperature=0), len(strengths))
+    batch = _collect(
+        model.generate_batch([prompt] * len(strengths), steers, max_tokens=24, temperature=0), len(strengths)
+    )
     texts = ["".join(t.text for t in toks) for toks in batch]
     for s, steer, got in zip(strengths, steers, texts):
         alone = model.complete(prompt, max_tokens=24, temperature=0, steer=steer)
@@ -88,3 +89,11 @@ def test_logits_batch_matches_single(model: ls.Model, happy: ls.ControlVector) -
     for p, s, row in zip(prompts, steers, batch):
         single = model.logits(p, steer=s)
         np.testing.assert_allclose(row, single, rtol=1e-5, atol=1e-5 * float(np.abs(single).max()))
+
+
+def test_many_strengths_of_one_vector_share_one_slot(model: ls.Model, happy: ls.ControlVector) -> None:
+    n = model._c.steer_n_slots + 4  # more strengths than slots
+    steers = [ls.Steer(happy, s, layers=range(8, 22)) for s in np.linspace(-4, 4, n)]
+    rows = model.logits_batch(["Today I feel"] * n, steers)
+    assert rows.shape == (n, model.n_vocab)
+    np.testing.assert_allclose(rows[n // 2], model.logits("Today I feel", steer=steers[n // 2]), rtol=1e-5, atol=1e-4)

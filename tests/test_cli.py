@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import llama_steer as ls
+import pytest
 
 CLI = [sys.executable, "-m", "llama_steer"]
 
@@ -38,8 +37,22 @@ def test_extract_writes_vector_and_table(vector_file: Path, tmp_path: Path) -> N
     v = ls.ControlVector.load(vector_file)
     assert v.layers == list(range(1, 30)) and v.model_hint == "llama"
     png = tmp_path / "layers.png"
-    r = run("extract", "happy", "--max-pairs", "40", "--layers", "5-20", "--method", "mean_diff",
-            "-o", str(tmp_path / "v.gguf"), "--plot", str(png), "-t", "2")
+    r = run(
+        "extract",
+        "happy",
+        "--max-pairs",
+        "40",
+        "--layers",
+        "5-20",
+        "--method",
+        "mean_diff",
+        "-o",
+        str(tmp_path / "v.gguf"),
+        "--plot",
+        str(png),
+        "-t",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     assert "heldout_auc" in r.stdout and r.stdout.count("\n") >= 16
     assert png.stat().st_size > 10_000
@@ -60,23 +73,64 @@ def test_generate_steered_vs_plain(vector_file: Path) -> None:
 
 def test_sweep_matches_separate_generate(vector_file: Path, tmp_path: Path) -> None:
     png = tmp_path / "sweep.png"
-    r = run("sweep", "How are you today?", "--chat", "--vector", str(vector_file), "--strengths=-6,0,6",
-            "--layers", "8-21", "-n", "20", "--plot", str(png), "-t", "2", "--temp", "0")
+    r = run(
+        "sweep",
+        "How are you today?",
+        "--chat",
+        "--vector",
+        str(vector_file),
+        "--strengths=-6,0,6",
+        "--layers",
+        "8-21",
+        "-n",
+        "20",
+        "--plot",
+        str(png),
+        "-t",
+        "2",
+        "--temp",
+        "0",
+    )
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert png.stat().st_size > 5_000
     for s in ("-6", "0", "6"):
-        single = run("generate", "How are you today?", "--chat", "-n", "20", "--temp", "0", "-t", "2",
-                     "--vector", f"{vector_file}:{s}", "--layers", "8-21")
+        single = run(
+            "generate",
+            "How are you today?",
+            "--chat",
+            "-n",
+            "20",
+            "--temp",
+            "0",
+            "-t",
+            "2",
+            "--vector",
+            f"{vector_file}:{s}",
+            "--layers",
+            "8-21",
+        )
         text = " ".join(single.stdout.split())
         assert any(text[:40] in " ".join(ln.split()) for ln in lines), (s, text, r.stdout)
 
 
 def test_chat_session_with_commands(vector_file: Path) -> None:
-    script = "\n".join([
-        "Hello!", "/vector " + f"{vector_file}:6", "/show", "/strength -6", "How are you?", "/clear", "/reset",
-        "/unknown", "/quit",
-    ]) + "\n"
+    script = (
+        "\n".join(
+            [
+                "Hello!",
+                "/vector " + f"{vector_file}:6",
+                "/show",
+                "/strength -6",
+                "How are you?",
+                "/clear",
+                "/reset",
+                "/unknown",
+                "/quit",
+            ]
+        )
+        + "\n"
+    )
     r = run("chat", "-n", "16", "--temp", "0", "-t", "2", stdin=script)
     assert r.returncode == 0, r.stderr
     assert "added" in r.stderr and "strength -6" in r.stderr and "unknown command" in r.stderr
@@ -92,8 +146,18 @@ def test_inspect_vector_and_model(vector_file: Path, model_path: Path) -> None:
 
 def test_evaluate_writes_curve(vector_file: Path, tmp_path: Path) -> None:
     png = tmp_path / "curve.png"
-    r = run("evaluate", "--vector", str(vector_file), "--strengths=-4,0,4", "--layers", "8-21",
-            "--plot", str(png), "-t", "2")
+    r = run(
+        "evaluate",
+        "--vector",
+        str(vector_file),
+        "--strengths=-4,0,4",
+        "--layers",
+        "8-21",
+        "--plot",
+        str(png),
+        "-t",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     assert png.stat().st_size > 10_000
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
-
 import llama_steer as ls
+import pytest
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -7,10 +7,9 @@ import re
 from pathlib import Path
 
 import gguf
+import llama_steer as ls
 import numpy as np
 import pytest
-
-import llama_steer as ls
 from llama_steer import _core
 from llama_steer.extraction import direction
 
@@ -137,8 +136,40 @@ def test_pca_diff_matches_svd_reference() -> None:
     assert evr == pytest.approx(s[0] ** 2 / np.sum(s**2), rel=1e-6)
 
 
-HAPPY = {"happy", "joy", "excited", "love", "smile", "wonderful", "great", "amazing", "fun", "positive", "glad", "delighted", "cheerful", "fantastic"}
-SAD = {"sad", "sorry", "lonely", "tragic", "death", "died", "grief", "pain", "tears", "lost", "overwhelmed", "difficult", "struggling", "miserable", "depressed", "alone"}
+HAPPY = {
+    "happy",
+    "joy",
+    "excited",
+    "love",
+    "smile",
+    "wonderful",
+    "great",
+    "amazing",
+    "fun",
+    "positive",
+    "glad",
+    "delighted",
+    "cheerful",
+    "fantastic",
+}
+SAD = {
+    "sad",
+    "sorry",
+    "lonely",
+    "tragic",
+    "death",
+    "died",
+    "grief",
+    "pain",
+    "tears",
+    "lost",
+    "overwhelmed",
+    "difficult",
+    "struggling",
+    "miserable",
+    "depressed",
+    "alone",
+}
 
 
 def _mood(text: str) -> int:
@@ -208,6 +239,5 @@ def test_bad_pairs(model: ls.Model, model_path: Path) -> None:
         ls.extract(model, [("only one",)], progress=False)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="method"):
         ls.extract(model, [("a", "b")], method="svd", progress=False)
-    with ls.Model(model_path, n_ctx=64, n_threads=2) as small:
-        with pytest.raises(ls.ContextOverflowError, match="pair 1"):
-            ls.extract(small, [("a", "b"), ("word " * 400, "b")], progress=False)
+    with ls.Model(model_path, n_ctx=64, n_threads=2) as small, pytest.raises(ls.ContextOverflowError, match="pair 1"):
+        ls.extract(small, [("a", "b"), ("word " * 400, "b")], progress=False)

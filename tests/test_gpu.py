@@ -6,10 +6,9 @@ device is present; the same invariants as on the CPU must hold there.
 
 from __future__ import annotations
 
+import llama_steer as ls
 import numpy as np
 import pytest
-
-import llama_steer as ls
 from test_steering import PROMPT, _batch_last_logits, all_layers, random_vector
 
 pytestmark = pytest.mark.gpu
@@ -54,6 +53,5 @@ def test_gpu_sequences_isolated(gpu_model: ls.Model) -> None:
 
 def test_gpu_ablation_removes_component(gpu_model: ls.Model) -> None:
     r = random_vector(gpu_model, range(10, 11), seed=5, norm=1.0)[10]
-    acts = gpu_model.capture([PROMPT], layers=[10], read="mean",
-                             steer=ls.Steer({10: r}, 1.0, mode="ablate"))[0, 0]
+    acts = gpu_model.capture([PROMPT], layers=[10], read="mean", steer=ls.Steer({10: r}, 1.0, mode="ablate"))[0, 0]
     assert abs(float(acts @ r) / float(np.linalg.norm(acts))) < 1e-3

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import llama_steer as ls
 import numpy as np
 import pytest
-
-import llama_steer as ls
 
 
 def test_metadata(model: ls.Model) -> None:

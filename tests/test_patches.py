@@ -34,9 +34,7 @@ def test_a_broken_patch_fails_loudly(tmp_path: Path) -> None:
     (tree / "src").mkdir(parents=True)
     (tree / "src" / "a.txt").write_text("one\ntwo\n")
     bad = tmp_path / "0001-bad.patch"
-    bad.write_text(
-        "--- a/src/a.txt\n+++ b/src/a.txt\n@@ -1,2 +1,2 @@\n-uno\n+eins\n two\n"
-    )
+    bad.write_text("--- a/src/a.txt\n+++ b/src/a.txt\n@@ -1,2 +1,2 @@\n-uno\n+eins\n two\n")
     old = f.patches
     f.patches = lambda: [bad]  # type: ignore[assignment]
     try:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import math
 
+import llama_steer as ls
 import numpy as np
 import pytest
-
-import llama_steer as ls
 from llama_steer import _core
 from llama_steer.steer import apply_steering
 
@@ -97,7 +96,10 @@ def test_generated_window_leaves_prompt_untouched(any_model: ls.Model) -> None:
     assert np.array_equal(base, any_model.logits(PROMPT, steer=ls.Steer(v, positions="generated")))
     # ... but it does change what is generated after the first token.
     plain = [t.id for t in any_model.generate(PROMPT, max_tokens=12, temperature=0)]
-    gen = [t.id for t in any_model.generate(PROMPT, max_tokens=12, temperature=0, steer=ls.Steer(v, 4.0, positions="generated"))]
+    gen = [
+        t.id
+        for t in any_model.generate(PROMPT, max_tokens=12, temperature=0, steer=ls.Steer(v, 4.0, positions="generated"))
+    ]
     assert gen[0] == plain[0] and gen != plain
 
 
@@ -214,7 +216,9 @@ def test_schedule_is_evaluated_per_token(model: ls.Model) -> None:
     assert sched != plain
     via_callable = [
         t.id
-        for t in model.generate(PROMPT, max_tokens=10, temperature=0, steer=ls.Steer(v, lambda i: 0.0 if i < 4 else 3.0))
+        for t in model.generate(
+            PROMPT, max_tokens=10, temperature=0, steer=ls.Steer(v, lambda i: 0.0 if i < 4 else 3.0)
+        )
     ]
     assert via_callable == sched
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import llama_steer as ls
 import numpy as np
 import pytest
-
-import llama_steer as ls
 
 
 def vec(seed: int = 0, layers: range = range(1, 6), n: int = 16) -> ls.ControlVector:
@@ -79,7 +78,9 @@ def test_file_layout_is_llama_cpp_format(tmp_path: Path) -> None:
     assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in r.tensors)
 
 
-def _write_foreign(path: Path, tensors: dict[str, np.ndarray], arch: str = "controlvector", hint: str | None = "mistral") -> None:
+def _write_foreign(
+    path: Path, tensors: dict[str, np.ndarray], arch: str = "controlvector", hint: str | None = "mistral"
+) -> None:
     # As repeng's export_gguf and cvector-generator write them.
     w = gguf.GGUFWriter(str(path), arch)
     if hint is not None:
@@ -115,7 +116,11 @@ def test_loads_a_file_without_hint(tmp_path: Path) -> None:
         ({"weights.1": np.ones(8, dtype=np.float32)}, "controlvector", "unexpected tensor"),
         ({"direction.1": np.ones(8, dtype=np.float16)}, "controlvector", "not F32"),
         ({"direction.1": np.ones(8, dtype=np.float32)}, "llama", "not 'controlvector'"),
-        ({"direction.1": np.ones(8, dtype=np.float32), "direction.2": np.ones(4, dtype=np.float32)}, "controlvector", "length"),
+        (
+            {"direction.1": np.ones(8, dtype=np.float32), "direction.2": np.ones(4, dtype=np.float32)},
+            "controlvector",
+            "length",
+        ),
     ],
 )
 def test_bad_vector_files(tmp_path: Path, tensors: dict[str, np.ndarray], arch: str, match: str) -> None:

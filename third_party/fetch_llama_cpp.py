@@ -38,7 +38,7 @@ STAMP_NAME = ".llama-steer-stamp"
 
 # Parts of the vendored tree that no build of ours needs (test vocabularies,
 # docs, CI files): leaving them out keeps our sdist small.
-SKIP_TOP = {"models", "docs", "media", ".github", ".devops", "gguf-py", "tests", "pocs"}
+SKIP_TOP = {"models", "docs", "media", ".github", ".devops", "gguf-py", "tests"}
 
 
 class FetchError(RuntimeError):
@@ -182,7 +182,7 @@ def apply_patches(root: Path, *, verbose: bool = True) -> None:
 
 
 def stamp(pin: dict[str, str]) -> str:
-    lines = [f"{k}={pin[k]}" for k in sorted(pin)]
+    lines = [f"{k}={pin[k]}" for k in sorted(pin)] + [f"skip={','.join(sorted(SKIP_TOP))}"]
     lines += [f"{p.name}={sha256_of(p)}" for p in patches()]
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,7 @@ from .errors import (
     SteeringError,
     VectorFileError,
 )
+from .evaluation import ABDataset, EvalResult, evaluate, load_ab_dataset, plot_curve
 from .extraction import Pair, behaviours, extract, load_pairs, persona_pairs
 from .model import Model, Token
 from .sampling import SamplingParams
@@ -28,6 +29,11 @@ from .weights import MODELS, default_model_path
 __version__ = "0.1.0"
 
 __all__ = [
+    "ABDataset",
+    "EvalResult",
+    "evaluate",
+    "load_ab_dataset",
+    "plot_curve",
     "ClosedError",
     "ContextOverflowError",
     "ControlVector",

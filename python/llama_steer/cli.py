@@ -125,17 +125,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_steer_args(p: argparse.ArgumentParser, *, vector_required: bool = False) -> None:
     g = p.add_argument_group("steering")
     g.add_argument(
-        "--vector", "--control-vector-scaled", "--control-vector", action="append", metavar="FILE[:S]",
-        required=vector_required, help="control vector GGUF, optionally with a strength (repeatable)",
+        "--vector",
+        "--control-vector-scaled",
+        "--control-vector",
+        action="append",
+        metavar="FILE[:S]",
+        required=vector_required,
+        help="control vector GGUF, optionally with a strength (repeatable)",
     )
     g.add_argument("--scale", type=float, default=1.0, help="multiply every --vector strength")
     g.add_argument("--layers", type=parse_layers, default=None, metavar="A-B", help="steer only layers A..B")
     g.add_argument(
-        "--control-vector-layer-range", dest="layer_range", nargs=2, type=int, metavar=("A", "B"),
+        "--control-vector-layer-range",
+        dest="layer_range",
+        nargs=2,
+        type=int,
+        metavar=("A", "B"),
         help="llama.cpp's spelling of --layers A-B",
     )
     g.add_argument(
-        "--positions", type=parse_positions, default="all", metavar="WHICH",
+        "--positions",
+        type=parse_positions,
+        default="all",
+        metavar="WHICH",
         help="all, prompt, generated or P0:P1 (default: all)",
     )
     g.add_argument("--ablate", action="append", metavar="FILE[:S]", help="project this direction out (repeatable)")
@@ -154,8 +166,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> Non
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
     )
 
 
@@ -278,13 +295,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def separation_table(vec: ControlVector) -> str:
     d = vec.diagnostics
     rows = ["layer  heldout_auc  heldout_acc  expl_var  resid_norm"]
-    for k in vec.layers:
-        def f(key: str) -> str:
-            v = d.get(key, {}).get(k, math.nan)
-            return "   -   " if math.isnan(v) else f"{v:7.3f}"
 
-        rows.append(f"{k:5d}  {f('heldout_auc'):>11}  {f('heldout_accuracy'):>11}  {f('explained_variance'):>8}  "
-                    f"{d.get('residual_norm', {}).get(k, math.nan):10.1f}")
+    def cell(key: str, layer: int) -> str:
+        v = d.get(key, {}).get(layer, math.nan)
+        return "   -   " if math.isnan(v) else f"{v:7.3f}"
+
+    for k in vec.layers:
+        rows.append(
+            f"{k:5d}  {cell('heldout_auc', k):>11}  {cell('heldout_accuracy', k):>11}  "
+            f"{cell('explained_variance', k):>8}  {d.get('residual_norm', {}).get(k, math.nan):10.1f}"
+        )
     return "\n".join(rows)
 
 
@@ -383,7 +403,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, load_ab_dataset, plot_curve
+    from .evaluation import evaluate, load_ab_dataset, plot_curve
 
     with _load(args) as model:
         path, base = parse_vector_spec(args.vector)
@@ -414,20 +434,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         columns = [("unsteered", 0.0), (f"happy +{s:g}", s), (f"sad -{s:g}", -s)]
         steers = [Steer(vec, st, layers=layers) for _, st in columns]
         texts = [""] * len(columns)
-        for i, token in model.generate_batch([prompt] * len(columns), steers, max_tokens=args.max_tokens,
-                                             temperature=0):
+        for i, token in model.generate_batch(
+            [prompt] * len(columns), steers, max_tokens=args.max_tokens, temperature=0
+        ):
             texts[i] += token.text
         print(f"\nprompt: {question}   (layers {DEMO_LAYERS.start}-{DEMO_LAYERS.stop - 1}, greedy)\n")
         print(side_by_side([c for c, _ in columns], texts))
         if args.plot:
-            from .evaluate import evaluate, load_ab_dataset, plot_curve
+            from .evaluation import evaluate, load_ab_dataset, plot_curve
 
             data = load_ab_dataset("happy")
             strengths = [-s, -s / 2, 0.0, s / 2, s]
             result = evaluate(model, vec, data, strengths, layers=layers, progress=True)
             plot_curve(result, args.plot)
-            print(f"\nsteering curve on the bundled happy A/B set: "
-                  + ", ".join(f"{st:+g}: {m:.2f}" for st, m in zip(result.strengths, result.mean)))
+            print(
+                "\nsteering curve on the bundled happy A/B set: "
+                + ", ".join(f"{st:+g}: {m:.2f}" for st, m in zip(result.strengths, result.mean))
+            )
             print(f"wrote {args.plot}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -461,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("extract", help="extract a control vector from contrastive pairs")
-    p.add_argument("pairs", help="JSONL/CSV file of positive/negative pairs, or a bundled behaviour (happy, honest, calm)")
+    p.add_argument(
+        "pairs", help="JSONL/CSV file of positive/negative pairs, or a bundled behaviour (happy, honest, calm)"
+    )
     p.add_argument("-o", "--output", required=True, help="control vector GGUF to write")
     p.add_argument("--method", default="pca_diff", choices=["mean_diff", "pca_diff", "pca_center", "probe"])
     p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B")

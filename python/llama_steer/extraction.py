@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -35,7 +35,7 @@ from .vectors import ControlVector, check_layer
 if TYPE_CHECKING:
     from .model import Model
 
-Read = Union[Literal["last", "mean"], Callable[[Sequence[int]], Sequence[int]]]
+Read = Literal["last", "mean"] | Callable[[Sequence[int]], Sequence[int]]
 Method = Literal["mean_diff", "pca_diff", "pca_center", "probe"]
 METHODS: tuple[str, ...] = ("mean_diff", "pca_diff", "pca_center", "probe")
 
@@ -49,7 +49,7 @@ class Pair:
     negative: str
 
 
-PairsLike = Union[str, os.PathLike[str], Sequence[Union[Pair, tuple[str, str], Sequence[str]]]]
+PairsLike = str | os.PathLike[str] | Sequence[Pair | tuple[str, str] | Sequence[str]]
 
 
 def load_pairs(path: str | os.PathLike[str]) -> list[Pair]:
@@ -94,7 +94,7 @@ def check_pairs(pairs: PairsLike, *, source: str = "pairs") -> list[Pair]:
             pair = p
         else:
             try:
-                pos, neg = p  # type: ignore[misc]
+                pos, neg = p
             except (TypeError, ValueError) as exc:
                 raise DatasetError(f"{source}[{i}]: want (positive, negative), got {p!r}") from exc
             pair = Pair(pos, neg)
@@ -180,19 +180,25 @@ class _Trie:
         self.parent: list[int] = [-1]
         self.depth: list[int] = [-1]
 
-    def insert(self, tokens: Sequence[int]) -> list[int]:
-        """Insert a path; return its node ids (one per token)."""
+    def add(self, parent: int, key: int, token: int) -> int:
+        """A new child of ``parent`` under ``key`` (normally the token itself)."""
+        node = len(self.token)
+        self.children[parent][key] = node
+        self.children.append({})
+        self.token.append(token)
+        self.parent.append(parent)
+        self.depth.append(self.depth[parent] + 1)
+        return node
+
+    def insert(self, tokens: Sequence[int], private_key: int | None = None) -> list[int]:
+        """Insert a path; return its node ids (one per token). With
+        ``private_key`` the path shares no node with any other (its first
+        node hangs under a negative key no token can collide with)."""
         node, path = 0, []
-        for t in tokens:
-            nxt = self.children[node].get(t)
-            if nxt is None:
-                nxt = len(self.token)
-                self.children[node][t] = nxt
-                self.children.append({})
-                self.token.append(t)
-                self.parent.append(node)
-                self.depth.append(self.depth[node] + 1)
-            node = nxt
+        for i, t in enumerate(tokens):
+            key = -(private_key + 2) if private_key is not None and i == 0 else t
+            nxt = self.children[node].get(key)
+            node = self.add(node, key, t) if nxt is None else nxt
             path.append(node)
         return path
 
@@ -281,17 +287,11 @@ def _capture_rows(
     if n_seq < 1:
         raise ValueError("batch_size must be >= 1")
     trie = _Trie()
-    # node ids to read, per prompt; without sharing every prompt gets its own
-    # root branch (a distinct first "virtual" key keeps paths apart).
+    # node ids to read, per prompt; without sharing every prompt gets its own branch
     reads: list[list[int]] = []
-    if share_prefixes:
-        for toks, pos in zip(token_lists, positions):
-            path = trie.insert(toks)
-            reads.append([path[p] for p in pos])
-    else:
-        for i, (toks, pos) in enumerate(zip(token_lists, positions)):
-            path = _insert_unshared(trie, i, toks)
-            reads.append([path[p] for p in pos])
+    for i, (toks, pos) in enumerate(zip(token_lists, positions)):
+        path = trie.insert(toks, None if share_prefixes else i)
+        reads.append([path[p] for p in pos])
     wanted = {n for r in reads for n in r}
 
     groups = _group_leaves(trie, n_seq, model.n_ctx)
@@ -339,28 +339,6 @@ def _capture_rows(
     return [np.stack([results[n] for n in r]) for r in reads]
 
 
-def _insert_unshared(trie: _Trie, key: int, tokens: Sequence[int]) -> list[int]:
-    # A private branch per prompt: the root child is keyed by a negative id
-    # that never collides with a token.
-    node = len(trie.token)
-    trie.children[0][-(key + 2)] = node
-    trie.children.append({})
-    trie.token.append(tokens[0])
-    trie.parent.append(0)
-    trie.depth.append(0)
-    path = [node]
-    for t in tokens[1:]:
-        nxt = len(trie.token)
-        trie.children[node][t] = nxt
-        trie.children.append({})
-        trie.token.append(t)
-        trie.parent.append(node)
-        trie.depth.append(trie.depth[node] + 1)
-        node = nxt
-        path.append(node)
-    return path
-
-
 def _group_leaves(trie: _Trie, n_seq: int, n_ctx: int) -> list[tuple[list[int], list[int]]]:
     """Split the leaves (in DFS order, so neighbours share prefixes) into
     groups of at most n_seq sequences whose union of nodes fits the cache.
@@ -398,7 +376,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     # A bar on a terminal only: logs and CI stay clean.
     if not enabled or not sys.stderr.isatty():
         return _NoBar()
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     return tqdm(total=total, unit="tok", desc="llama-steer: decoding", leave=False)
 
@@ -444,7 +422,7 @@ def _probe_direction(pos: npt.NDArray[np.float64], neg: npt.NDArray[np.float64])
         g = p - y
         w -= lr * (z.T @ g / len(y) + lam * w)
         b -= lr * float(g.mean())
-    return w / sd
+    return np.asarray(w / sd, dtype=np.float64)
 
 
 def direction(
@@ -536,10 +514,17 @@ def extract(
         raise LlamaSteerError(f"pair {bad}: the captured activations contain NaN or inf")
     pos_all, neg_all = acts[0::2], acts[1::2]
     n = len(plist)
-    held = np.arange(n) % 5 == 4 if n >= 5 else np.zeros(n, dtype=bool)
+    # A fixed pseudo-random fifth of the pairs is held out: a stride would
+    # pick the same persona every time in persona x prefix datasets.
+    held = np.zeros(n, dtype=bool)
+    if n >= 5:
+        held[np.random.default_rng(0).permutation(n)[: n // 5]] = True
     dirs: dict[int, npt.NDArray[np.float32]] = {}
     diag: dict[str, dict[int, float]] = {
-        "explained_variance": {}, "heldout_accuracy": {}, "heldout_auc": {}, "residual_norm": {}
+        "explained_variance": {},
+        "heldout_accuracy": {},
+        "heldout_auc": {},
+        "residual_norm": {},
     }
     for li, layer in enumerate(layer_list):
         pos, neg = pos_all[:, li], neg_all[:, li]

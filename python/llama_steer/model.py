@@ -60,7 +60,10 @@ class Model:
         n_steer_slots: int = 8,
     ) -> None:
         for name, value in (
-            ("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max), ("n_steer_slots", n_steer_slots)
+            ("n_ctx", n_ctx),
+            ("n_batch", n_batch),
+            ("n_seq_max", n_seq_max),
+            ("n_steer_slots", n_steer_slots),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -231,7 +234,9 @@ class Model:
                 if len(t) > 1:
                     n = len(t) - 1
                     ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(n)), [i] * n, [0] * n))
-            ctx.decode_step([t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(len(token_lists))))
+            ctx.decode_step(
+                [t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(len(token_lists)))
+            )
         except BaseException:
             self._end_steering()
             raise
@@ -350,9 +355,7 @@ class Model:
         formatted with the model's chat template, token by token."""
         return self.generate(self.apply_chat_template(messages), steer=steer, **sampling)
 
-    def complete(
-        self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None, **sampling: Any
-    ) -> str:
+    def complete(self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None, **sampling: Any) -> str:
         """The text :meth:`generate` produces, joined."""
         return "".join(t.text for t in self.generate(prompt, steer=steer, **sampling))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -22,8 +22,8 @@ from .vectors import ControlVector, check_layer
 if TYPE_CHECKING:
     from . import _core
 
-Positions = Union[Literal["all", "prompt", "generated"], tuple[int, int]]
-Strength = Union[float, Sequence[float], Callable[[int], float]]
+Positions = Literal["all", "prompt", "generated"] | tuple[int, int]
+Strength = float | Sequence[float] | Callable[[int], float]
 UNBOUNDED = -1  # the steering buffer's "no end" for a position window
 
 
@@ -68,7 +68,9 @@ class Steer:
             try:
                 p0, p1 = (int(p) for p in self.positions)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"positions must be 'all', 'prompt', 'generated' or (p0, p1), got {self.positions!r}") from exc
+                raise ValueError(
+                    f"positions must be 'all', 'prompt', 'generated' or (p0, p1), got {self.positions!r}"
+                ) from exc
             if p0 < 0 or (p1 != UNBOUNDED and p1 <= p0):
                 raise ValueError(f"position window ({p0}, {p1}) is empty or negative")
             object.__setattr__(self, "positions", (p0, p1))
@@ -110,7 +112,7 @@ class Steer:
             return 0, n_prompt
         if self.positions == "generated":
             return n_prompt, UNBOUNDED
-        return self.positions  # type: ignore[return-value]
+        return self.positions
 
 
 def as_steers(steer: Steer | Sequence[Steer] | None) -> list[Steer]:
@@ -178,11 +180,14 @@ def apply_steering(
     strengths costs one slot. On any error everything written is undone.
     """
     session = SteeringSession(ctx)
-    slots: dict[tuple[int, str], int] = {}
+    slots: dict[tuple[int, tuple[int, ...] | None, str], int] = {}
     try:
         for seq, steers in per_seq.items():
             for s in steers:
-                key = (id(s.control_vector), s.mode)
+                # The vector the user passed (not the per-Steer layer
+                # selection) names the slot, so Steer(v, s, layers=L) for
+                # many s is one slot.
+                key = (id(s.vector), s.layers, s.mode)
                 if key not in slots:
                     slots[key] = _write_slot(ctx, len(slots), s, n_layer, n_embd)
                     session._slots.append(slots[key])
@@ -200,9 +205,7 @@ def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd
     for s in steers:
         vec = s.control_vector
         if vec.n_embd != n_embd:
-            raise ValueError(
-                f"the vector has n_embd {vec.n_embd}, the model {n_embd}: it was made for another model"
-            )
+            raise ValueError(f"the vector has n_embd {vec.n_embd}, the model {n_embd}: it was made for another model")
         for layer in vec.layers:
             check_layer(layer, n_layer)
             if not ctx.steer_layer_hooked(layer):

@@ -112,9 +112,7 @@ class ControlVector:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ControlVector):
             return NotImplemented
-        return self.layers == other.layers and all(
-            np.array_equal(self[k], other[k]) for k in self.layers
-        )
+        return self.layers == other.layers and all(np.array_equal(self[k], other[k]) for k in self.layers)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -129,7 +127,8 @@ class ControlVector:
             a = self._directions.get(layer)
             b = other._directions.get(layer)
             if a is None:
-                out[layer] = sign * b  # type: ignore[operator]
+                assert b is not None
+                out[layer] = b * np.float32(sign)
             elif b is None:
                 out[layer] = a.copy()
             else:
