@@ -141,8 +141,18 @@ void Context::decode_chunks(const BatchTokens& b, std::vector<float>* captured) 
     const int32_t n_embd = model_->n_embd();
     const size_t n_cap = capture_layers_.size();
     std::vector<float> rows;
-    for (size_t start = 0; start < n; start += static_cast<size_t>(params_.n_batch)) {
-        const size_t end = std::min(n, start + static_cast<size_t>(params_.n_batch));
+    // Chunks of at most n_batch tokens and kMaxChunkOutputs outputs: llama.cpp
+    // grows its logits buffer to the outputs of one call (n_vocab floats
+    // each), which would dominate memory when many rows are captured.
+    constexpr int32_t kMaxChunkOutputs = 64;
+    for (size_t start = 0, end = 0; start < n; start = end) {
+        int32_t outs = 0;
+        end = start;
+        while (end < n && end - start < static_cast<size_t>(params_.n_batch)) {
+            if (b.output[end] && outs == kMaxChunkOutputs) break;
+            outs += b.output[end] ? 1 : 0;
+            ++end;
+        }
         int32_t n_out = 0;
         for (size_t i = start; i < end; ++i) {
             const size_t j = i - start;

@@ -136,45 +136,22 @@ def test_pca_diff_matches_svd_reference() -> None:
     assert evr == pytest.approx(s[0] ** 2 / np.sum(s**2), rel=1e-6)
 
 
-HAPPY = {
-    "happy",
-    "joy",
-    "excited",
-    "love",
-    "smile",
-    "wonderful",
-    "great",
-    "amazing",
-    "fun",
-    "positive",
-    "glad",
-    "delighted",
-    "cheerful",
-    "fantastic",
-}
-SAD = {
-    "sad",
-    "sorry",
-    "lonely",
-    "tragic",
-    "death",
-    "died",
-    "grief",
-    "pain",
-    "tears",
-    "lost",
-    "overwhelmed",
-    "difficult",
-    "struggling",
-    "miserable",
-    "depressed",
-    "alone",
-}
+# Small generic sentiment lexicons, matched as word prefixes ("excit" counts
+# "excited" and "exciting").
+HAPPY = (
+    "happ", "joy", "excit", "love", "smil", "wonderful", "great", "amazing", "fun", "positiv", "glad", "delight",
+    "cheer", "fantastic", "grateful", "inspir", "thrill", "celebrat", "beautiful", "bright", "hope", "enjoy",
+)
+SAD = (
+    "sad", "sorry", "lonel", "tragic", "death", "died", "grief", "pain", "tear", "lost", "overwhelm", "difficult",
+    "struggl", "miserabl", "depress", "alone", "anxi", "stress", "worr", "tired", "guilt", "heavy", "afraid",
+    "fear", "upset", "hurt", "cry",
+)
 
 
 def _mood(text: str) -> int:
     words = re.findall(r"[a-z]+", text.lower())
-    return sum(w in HAPPY for w in words) - sum(w in SAD for w in words)
+    return sum(w.startswith(HAPPY) for w in words) - sum(w.startswith(SAD) for w in words)
 
 
 def test_happy_vector_steers_greedy_output(model: ls.Model, tmp_path: Path) -> None:

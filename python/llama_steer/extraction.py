@@ -508,7 +508,8 @@ def extract(
         prompts += [tp, tn]
         reads += [rp, rn]
     rows = _capture_rows(model, prompts, reads, layer_list, batch_size, share_prefixes, progress)
-    acts = np.stack([r.mean(axis=0) for r in rows]).astype(np.float64)  # [2n, n_layers, n_embd]
+    acts = np.stack([r[0] if r.shape[0] == 1 else r.mean(axis=0) for r in rows])  # float32 [2n, n_layers, n_embd]
+    del rows
     if not np.all(np.isfinite(acts)):
         bad = int(np.argwhere(~np.isfinite(acts))[0][0]) // 2
         raise LlamaSteerError(f"pair {bad}: the captured activations contain NaN or inf")
@@ -527,7 +528,7 @@ def extract(
         "residual_norm": {},
     }
     for li, layer in enumerate(layer_list):
-        pos, neg = pos_all[:, li], neg_all[:, li]
+        pos, neg = pos_all[:, li].astype(np.float64), neg_all[:, li].astype(np.float64)
         d, evr = direction(method, pos, neg)
         dirs[layer] = d
         diag["explained_variance"][layer] = evr
