@@ -215,3 +215,21 @@ def test_plot_curve_writes_png(sweep: EvalResult, tmp_path: Path) -> None:
     assert out == tmp_path / "curve.png"
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_happy_vector_moves_next_word_mood_monotonically(model: ls.Model) -> None:
+    """The happy persona vector, extracted from the bundled pairs, moves the
+    mood of the very next word monotonically across five strengths.
+
+    Threshold: every step of 3 in strength must raise the log-odds of a happy
+    vs a sad next word by more than 0.5 nats. Logits are deterministic here,
+    so this is not about noise: 0.5 nats (a 1.65x odds change) per step rules
+    out a flat or merely wobbling curve (measured: about 1.5 to 2.5 a step)."""
+    from llama_steer.evaluation import word_odds_curve
+
+    vec = ls.extract(model, ls.persona_pairs(model, "happy", max_pairs=120), progress=False)
+    curve = word_odds_curve(model, vec, [-6.0, -3.0, 0.0, 3.0, 6.0], layers=STEER_LAYERS)
+    steps = np.diff(curve.log_odds)
+    assert np.all(steps > 0.5), curve.log_odds
+    plain = word_odds_curve(model, vec, [0.0], layers=STEER_LAYERS)
+    assert plain.log_odds[0] == pytest.approx(curve.log_odds[2], abs=1e-6)

@@ -18,7 +18,7 @@ from .errors import (
     SteeringError,
     VectorFileError,
 )
-from .evaluation import ABDataset, EvalResult, evaluate, load_ab_dataset, plot_curve
+from .evaluation import ABDataset, EvalResult, evaluate, load_ab_dataset, plot_curve, word_odds_curve
 from .extraction import Pair, behaviours, extract, load_pairs, persona_pairs
 from .model import Model, Token
 from .sampling import SamplingParams
@@ -34,6 +34,7 @@ __all__ = [
     "evaluate",
     "load_ab_dataset",
     "plot_curve",
+    "word_odds_curve",
     "ClosedError",
     "ContextOverflowError",
     "ControlVector",

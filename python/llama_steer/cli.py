@@ -441,16 +441,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nprompt: {question}   (layers {DEMO_LAYERS.start}-{DEMO_LAYERS.stop - 1}, greedy)\n")
         print(side_by_side([c for c, _ in columns], texts))
         if args.plot:
-            from .evaluation import evaluate, load_ab_dataset, plot_curve
+            from .evaluation import plot_word_odds, word_odds_curve
 
-            data = load_ab_dataset("happy")
-            strengths = [-s, -s / 2, 0.0, s / 2, s]
-            result = evaluate(model, vec, data, strengths, layers=layers, progress=True)
-            plot_curve(result, args.plot)
-            print(
-                "\nsteering curve on the bundled happy A/B set: "
-                + ", ".join(f"{st:+g}: {m:.2f}" for st, m in zip(result.strengths, result.mean))
-            )
+            strengths = [float(x) for x in np.linspace(-s, s, 9)]
+            curve = word_odds_curve(model, vec, strengths, layers=layers)
+            plot_word_odds(curve, args.plot, title=f"{model.name}: happy/sad vector, layers {DEMO_LAYERS.start}-"
+                           f"{DEMO_LAYERS.stop - 1}: next word after 'I feel'")
+            print("\nsteering curve, log-odds of a happy vs a sad next word after 'I feel':")
+            print("  " + ", ".join(f"{st:+g}: {lo:+.2f}" for st, lo in zip(curve.strengths, curve.log_odds)))
             print(f"wrote {args.plot}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -372,3 +372,76 @@ def plot_curve(result: EvalResult, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     fig.savefig(out, format="png")
     return out
+
+
+# -- next-word curve -------------------------------------------------------------
+MOOD_PROMPT = "In one word, how do you feel right now?"
+MOOD_POSITIVE = (" happy", " great", " wonderful", " excited", " good", " amazing", " fantastic", " grateful")
+MOOD_NEGATIVE = (" sad", " terrible", " awful", " depressed", " bad", " miserable", " lonely", " down")
+
+
+@dataclass
+class WordOddsCurve:
+    """Log-odds of the next word being one of ``positive`` rather than one of
+    ``negative``, per strength: ``log_odds`` float64 [n_strengths]."""
+
+    strengths: list[float]
+    log_odds: npt.NDArray[np.float64]
+    prompt: str
+    layers: list[int] | None
+
+
+def word_odds_curve(
+    model: Model,
+    vector: ControlVector,
+    strengths: Sequence[float],
+    *,
+    layers: Iterable[int] | None = None,
+    question: str = MOOD_PROMPT,
+    answer_prefix: str = "I feel",
+    positive: Sequence[str] = MOOD_POSITIVE,
+    negative: Sequence[str] = MOOD_NEGATIVE,
+) -> WordOddsCurve:
+    """How steering moves the very next word: the chat-formatted ``question``
+    followed by ``answer_prefix``, and log(sum p(positive words)) minus
+    log(sum p(negative words)) over each word's first token, per strength
+    (one batch, one sequence per strength)."""
+    values = _check_strengths(strengths)
+    layer_list = None if layers is None else [int(k) for k in layers]
+    vec = vector if layer_list is None else vector.select(layer_list)
+    prompt = model.apply_chat_template([{"role": "user", "content": question}]) + answer_prefix
+    pos_ids = sorted({model.tokenize(w, add_special=False)[0] for w in positive})
+    neg_ids = sorted({model.tokenize(w, add_special=False)[0] for w in negative})
+    if set(pos_ids) & set(neg_ids):
+        raise ValueError("a positive and a negative word share their first token")
+    logits = model.logits_batch([prompt] * len(values), [Steer(vec, s) for s in values]).astype(np.float64)
+    logp = logits - (np.log(np.exp(logits - logits.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True))
+                     + logits.max(axis=1, keepdims=True))
+
+    def lse(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        m = x.max(axis=1, keepdims=True)
+        return np.asarray((m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0], dtype=np.float64)
+
+    return WordOddsCurve(values, lse(logp[:, pos_ids]) - lse(logp[:, neg_ids]), prompt, layer_list)
+
+
+def plot_word_odds(curve: WordOddsCurve, path: str | os.PathLike[str], title: str = "") -> Path:
+    """Write a PNG of the next-word log-odds against strength; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    order = np.argsort(curve.strengths)
+    x = np.asarray(curve.strengths, dtype=np.float64)[order]
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(x, curve.log_odds[order], "o-", color="tab:orange")
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("steering strength")
+    ax.set_ylabel("log p(happy words) - log p(sad words)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "next word after 'I feel' as steering strength changes", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, format="png")
+    return out
