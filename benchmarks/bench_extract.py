@@ -84,12 +84,16 @@ def main() -> None:
         fresh = run_child(args.pairs, args.threads, n_personas)
         fresh_rate = fresh["n_pairs"] / fresh["extract_s"]
         fresh_rates.append(fresh_rate)
-        print(f"{n_personas} persona pair(s): {len(pairs)} pairs, {tokens} prompt tokens "
-              f"({tokens / (2 * len(pairs)):.1f} a prompt), {nodes} distinct prefix nodes; pca_diff, 29 layers, "
-              f"{args.threads} threads")
+        print(
+            f"{n_personas} persona pair(s): {len(pairs)} pairs, {tokens} prompt tokens "
+            f"({tokens / (2 * len(pairs)):.1f} a prompt), {nodes} distinct prefix nodes; pca_diff, 29 layers, "
+            f"{args.threads} threads"
+        )
         print(f"  warm process (median of {args.reps}):   {warm:7.1f} pairs/s")
-        print(f"  fresh process (first call): {fresh_rate:7.1f} pairs/s, peak RSS {fresh['rss_mb']:.0f} MB "
-              f"(model load {fresh['load_s']:.2f} s)")
+        print(
+            f"  fresh process (first call): {fresh_rate:7.1f} pairs/s, peak RSS {fresh['rss_mb']:.0f} MB "
+            f"(model load {fresh['load_s']:.2f} s)"
+        )
         if not args.no_sharing_run and n_personas == 1:
             flat = run_child(args.pairs, args.threads, n_personas, share=False)
             print(f"  without prefix sharing:     {flat['n_pairs'] / flat['extract_s']:7.1f} pairs/s")

@@ -445,8 +445,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
             strengths = [float(x) for x in np.linspace(-s, s, 9)]
             curve = word_odds_curve(model, vec, strengths, layers=layers)
-            plot_word_odds(curve, args.plot, title=f"{model.name}: happy/sad vector, layers {DEMO_LAYERS.start}-"
-                           f"{DEMO_LAYERS.stop - 1}: next word after 'I feel'")
+            plot_word_odds(
+                curve,
+                args.plot,
+                title=f"{model.name}: happy/sad vector, layers {DEMO_LAYERS.start}-"
+                f"{DEMO_LAYERS.stop - 1}: next word after 'I feel'",
+            )
             print("\nsteering curve, log-odds of a happy vs a sad next word after 'I feel':")
             print("  " + ", ".join(f"{st:+g}: {lo:+.2f}" for st, lo in zip(curve.strengths, curve.log_odds)))
             print(f"wrote {args.plot}")

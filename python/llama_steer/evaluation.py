@@ -415,8 +415,10 @@ def word_odds_curve(
     if set(pos_ids) & set(neg_ids):
         raise ValueError("a positive and a negative word share their first token")
     logits = model.logits_batch([prompt] * len(values), [Steer(vec, s) for s in values]).astype(np.float64)
-    logp = logits - (np.log(np.exp(logits - logits.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True))
-                     + logits.max(axis=1, keepdims=True))
+    logp = logits - (
+        np.log(np.exp(logits - logits.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True))
+        + logits.max(axis=1, keepdims=True)
+    )
 
     def lse(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         m = x.max(axis=1, keepdims=True)

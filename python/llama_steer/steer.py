@@ -187,7 +187,7 @@ def apply_steering(
                 # The vector the user passed (not the per-Steer layer
                 # selection) names the slot, so Steer(v, s, layers=L) for
                 # many s is one slot.
-                key = (id(s.vector), s.layers, s.mode)
+                key = (id(s.vector), None if s.layers is None else tuple(s.layers), s.mode)
                 if key not in slots:
                     slots[key] = _write_slot(ctx, len(slots), s, n_layer, n_embd)
                     session._slots.append(slots[key])
