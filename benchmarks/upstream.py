@@ -46,12 +46,17 @@ def build_tools(*targets: str) -> Path:
 
 def cpu_flags() -> list[str]:
     """The same choice CMakeLists.txt makes for LLAMA_STEER_CPU=auto."""
-    flags = ["AVX", "AVX2", "FMA", "F16C", "BMI2"]
+    flags: list[str] = []
     try:
         info = Path("/proc/cpuinfo").read_text().split()
     except OSError:
-        return flags
+        return ["AVX", "AVX2", "FMA", "F16C"]
     for opt, cpu in (
+        ("AVX", "avx"),
+        ("AVX2", "avx2"),
+        ("FMA", "fma"),
+        ("F16C", "f16c"),
+        ("BMI2", "bmi2"),
         ("AVX512", "avx512f"),
         ("AVX512_VNNI", "avx512_vnni"),
         ("AVX512_VBMI", "avx512vbmi"),

@@ -38,6 +38,7 @@ void register_context(py::module_& m) {
         .def_property_readonly("closed", &Context::closed)
         .def_property_readonly("n_ctx", &Context::n_ctx)
         .def_property_readonly("n_seq_max", &Context::n_seq_max)
+        .def_property_readonly("n_batch", &Context::n_batch)
         .def_property_readonly("n_threads", &Context::n_threads)
         .def("clear", &Context::clear)
         .def("seq_rm", &Context::seq_rm, py::arg("seq"), py::arg("p0"), py::arg("p1"))

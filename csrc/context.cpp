@@ -141,15 +141,27 @@ void Context::decode_chunks(const BatchTokens& b, std::vector<float>* captured) 
     const int32_t n_embd = model_->n_embd();
     const size_t n_cap = capture_layers_.size();
     std::vector<float> rows;
-    // Chunks of at most n_batch tokens and kMaxChunkOutputs outputs: llama.cpp
-    // grows its logits buffer to the outputs of one call (n_vocab floats
-    // each), which would dominate memory when many rows are captured.
+    // Chunks of at most n_batch tokens. When capturing, also at most
+    // kMaxChunkOutputs outputs: llama.cpp grows its logits buffer to the
+    // outputs of one call (n_vocab floats each), which would dominate memory
+    // when many rows are captured; captured rows are gathered per chunk.
     constexpr int32_t kMaxChunkOutputs = 64;
+    const int32_t max_outputs = captured != nullptr ? kMaxChunkOutputs : params_.n_batch;
+    if (captured == nullptr) {
+        // Only the last chunk's logits survive: every output must be in it.
+        const size_t last_start = n - ((n - 1) % static_cast<size_t>(params_.n_batch) + 1);
+        for (size_t i = 0; i < last_start; ++i) {
+            if (b.output[i]) {
+                throw InvalidArgument("a batch of " + std::to_string(n) + " tokens has outputs before its last " +
+                                      std::to_string(params_.n_batch) + " tokens (n_batch): they would be lost");
+            }
+        }
+    }
     for (size_t start = 0, end = 0; start < n; start = end) {
         int32_t outs = 0;
         end = start;
         while (end < n && end - start < static_cast<size_t>(params_.n_batch)) {
-            if (b.output[end] && outs == kMaxChunkOutputs) break;
+            if (b.output[end] && outs == max_outputs) break;
             outs += b.output[end] ? 1 : 0;
             ++end;
         }

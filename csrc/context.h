@@ -48,6 +48,7 @@ public:
     llama_context* get();  // raises ClosedError when closed
     int32_t n_ctx() const { return n_ctx_; }
     int32_t n_seq_max() const { return params_.n_seq_max; }
+    int32_t n_batch() const { return params_.n_batch; }
     int32_t n_threads() const { return params_.n_threads; }
 
     // KV cache management.

@@ -127,6 +127,7 @@ std::string Model::apply_chat_template(const std::vector<std::pair<std::string, 
         out.resize(static_cast<size_t>(n));
         n = llama_chat_apply_template(tmpl.c_str(), chat.data(), chat.size(), add_generation_prompt,
                                       out.data(), static_cast<int32_t>(out.size()));
+        if (n < 0) throw Error("llama.cpp could not apply the chat template");
     }
     out.resize(static_cast<size_t>(n));
     return out;

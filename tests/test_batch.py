@@ -76,9 +76,17 @@ def test_batch_bad_input(model: ls.Model, happy: ls.ControlVector) -> None:
         model.generate_batch(["a"] * (model._c.n_seq_max + 1), max_tokens=2)
 
 
-def test_logits_are_unchanged_by_the_split_prompt_decode(model: ls.Model) -> None:
-    # the same prompt, its logits read twice, agree bit for bit
-    assert np.array_equal(model.logits("A quiet morning"), model.logits("A quiet morning"))
+def test_wide_batches_are_refused_cleanly(model_path) -> None:  # type: ignore[no-untyped-def]
+    # n_batch 32 < n_seq_max 64: a batch of 40 sequences cannot be one decode
+    with ls.Model(model_path, n_ctx=512, n_threads=2, n_batch=32) as m:
+        with pytest.raises(ValueError, match="one batch"):
+            m.logits_batch(["Hi"] * 40)
+        assert m.logits_batch(["Hi"] * 32).shape == (32, m.n_vocab)
+        # the core refuses outputs that would be lost across n_batch chunks
+        from llama_steer import _core
+
+        with pytest.raises(ValueError, match="would be lost"):
+            m._c.decode(_core.BatchTokens([1] * 40, list(range(40)), [0] * 40, [1] * 40))
 
 
 def test_logits_batch_matches_single(model: ls.Model, happy: ls.ControlVector) -> None:

@@ -54,6 +54,7 @@ def test_matches_upstream_control_vector(any_model: ls.Model) -> None:
     m = any_model
     layers = range(2, m.n_layer - 1)
     v = random_vector(m, layers, seed=3)
+    base = m.logits(PROMPT)
     ours = m.logits(PROMPT, steer=ls.Steer(v, strength=1.5))
     data = np.zeros((m.n_layer - 1, m.n_embd), dtype=np.float32)  # row il-1 = layer il, as upstream
     for layer, d in v.items():
@@ -65,7 +66,8 @@ def test_matches_upstream_control_vector(any_model: ls.Model) -> None:
     finally:
         ctx.set_upstream_cvec([], -1, -1)
     np.testing.assert_allclose(ours, upstream, rtol=1e-5, atol=1e-5 * float(np.abs(upstream).max()))
-    assert np.array_equal(m.logits(PROMPT), m.logits(PROMPT))
+    assert not np.allclose(base, upstream, atol=1e-2)
+    assert np.array_equal(m.logits(PROMPT), base)  # both vectors are gone after their calls
 
 
 def test_strength_scales_like_the_vector(any_model: ls.Model) -> None:
@@ -256,6 +258,7 @@ def test_non_finite_values_rejected(model: ls.Model) -> None:
 
 def test_core_rejects_bad_slots_and_shapes(model: ls.Model) -> None:
     ctx = model._c
+    base = model.logits(PROMPT)
     ok = np.ones(model.n_embd, dtype=np.float32)
     with pytest.raises(ValueError):
         ctx.steer_set_add(ctx.steer_n_slots, 4, ok)
@@ -272,7 +275,7 @@ def test_core_rejects_bad_slots_and_shapes(model: ls.Model) -> None:
     with pytest.raises(ValueError):
         ctx.steer_set_ablate(0, 4, np.zeros((1, model.n_embd), dtype=np.float32), 1.0)
     # nothing was left bound or written: the model is unsteered
-    assert np.array_equal(model.logits(PROMPT), model.logits(PROMPT))
+    assert np.array_equal(model.logits(PROMPT), base)
 
 
 def test_too_many_vectors_for_the_slots(model: ls.Model) -> None:

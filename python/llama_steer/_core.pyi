@@ -135,6 +135,9 @@ class Context:
     def closed(self) -> bool:
         ...
     @property
+    def n_batch(self) -> int:
+        ...
+    @property
     def n_ctx(self) -> int:
         ...
     @property

@@ -438,19 +438,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [prompt] * len(columns), steers, max_tokens=args.max_tokens, temperature=0
         ):
             texts[i] += token.text
-        print(f"\nprompt: {question}   (layers {DEMO_LAYERS.start}-{DEMO_LAYERS.stop - 1}, greedy)\n")
+        where = f"layers {layers[0]}-{layers[-1]}" if layers else "all layers"
+        print(f"\nprompt: {question}   ({where}, greedy)\n")
         print(side_by_side([c for c, _ in columns], texts))
         if args.plot:
             from .evaluation import plot_word_odds, word_odds_curve
 
             strengths = [float(x) for x in np.linspace(-s, s, 9)]
             curve = word_odds_curve(model, vec, strengths, layers=layers)
-            plot_word_odds(
-                curve,
-                args.plot,
-                title=f"{model.name}: happy/sad vector, layers {DEMO_LAYERS.start}-"
-                f"{DEMO_LAYERS.stop - 1}: next word after 'I feel'",
-            )
+            plot_word_odds(curve, args.plot, title=f"{model.name}: happy/sad vector, {where}: next word after 'I feel'")
             print("\nsteering curve, log-odds of a happy vs a sad next word after 'I feel':")
             print("  " + ", ".join(f"{st:+g}: {lo:+.2f}" for st, lo in zip(curve.strengths, curve.log_odds)))
             print(f"wrote {args.plot}")

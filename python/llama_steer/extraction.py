@@ -296,10 +296,13 @@ def _capture_rows(
 
     groups = _group_leaves(trie, n_seq, model.n_ctx)
     results: dict[int, npt.NDArray[np.float32]] = {}
-    model._end_steering()
-    model._generation += 1  # any suspended generation is over
+    model._begin_call()
     bar = _progress_bar(sum(len(g[1]) for g in groups), progress)
     ctx.set_capture_layers(layers)
+    # Every sequence gets the same steering (so a token shared by several
+    # sequences is steered the same way), bound once for all groups.
+    per_seq = {s: list(steers) for s in range(n_seq)} if steers else {}
+    session = apply_steering(ctx, model.n_layer, model.n_embd, per_seq, dict.fromkeys(per_seq, 0))
     try:
         for leaves, nodes in groups:
             seq_of_leaf = {leaf: s for s, leaf in enumerate(leaves)}
@@ -321,18 +324,12 @@ def _capture_rows(
                     out_nodes.append(n)
             ctx.clear()
             if out_nodes:
-                # Every sequence of the group gets the same steering, so a
-                # token shared by several sequences is steered the same way.
-                per_seq = {s: list(steers) for s in range(len(leaves))} if steers else {}
-                session = apply_steering(ctx, model.n_layer, model.n_embd, per_seq, dict.fromkeys(per_seq, 0))
-                try:
-                    captured = ctx.decode_capture(_core.BatchTokens(toks, pos, seq, out, offsets))
-                finally:
-                    session.close()
+                captured = ctx.decode_capture(_core.BatchTokens(toks, pos, seq, out, offsets))
                 for n, row in zip(out_nodes, captured):
                     results[n] = row
             bar.update(len(nodes))
     finally:
+        session.close()
         bar.close()
         ctx.set_capture_layers([])
         ctx.clear()
@@ -487,7 +484,11 @@ def extract(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     plist = check_pairs(pairs)
-    layer_list = sorted({check_layer(x, model.n_layer) for x in (layers or range(1, model.n_layer))})
+    layer_list = sorted(
+        {check_layer(x, model.n_layer) for x in (range(1, model.n_layer) if layers is None else layers)}
+    )
+    if not layer_list:
+        raise ValueError("layers is empty")
     prompts: list[list[int]] = []
     reads: list[list[int]] = []
     for i, p in enumerate(plist):

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from .errors import ClosedError, ContextOverflowError, LlamaSteerError
+from .errors import ClosedError, ContextOverflowError, LlamaSteerError, SteeringError
 from .sampling import SamplingParams
 from .steer import Steer, SteeringSession, apply_steering, as_steers, check_fits
 
@@ -80,7 +80,12 @@ class Model:
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads or 0
         self._ctx: _core.Context | None = _core.Context(self._model, params)
-        self._ctx.steer_init(n_steer_slots, 1)
+        try:
+            self._ctx.steer_init(n_steer_slots, 1)
+        except SteeringError:
+            # The architecture's graph has no steering hook: generation still
+            # works, and any Steer is refused by check_fits with a clear error.
+            pass
         self._generation = 0  # bumped by every new call that uses the context; see _start
         self._steering: SteeringSession | None = None
 
@@ -203,6 +208,12 @@ class Model:
             self._steering.close()
             self._steering = None
 
+    def _begin_call(self) -> None:
+        """A new call owns the context: the previous call's steering ends and
+        any suspended generator of it raises when resumed."""
+        self._end_steering()
+        self._generation += 1
+
     def _start(
         self, token_lists: Sequence[Sequence[int]], steers: Sequence[list[Steer]]
     ) -> tuple[int, SteeringSession, list[int]]:
@@ -220,10 +231,7 @@ class Model:
         total = sum(len(t) for t in token_lists)
         if total >= ctx.n_ctx:
             raise ContextOverflowError(f"the prompts hold {total} tokens; the context holds {ctx.n_ctx}")
-        if len(token_lists) > ctx.n_seq_max:
-            raise ValueError(f"{len(token_lists)} sequences exceed the context's n_seq_max of {ctx.n_seq_max}")
-        self._end_steering()
-        self._generation += 1
+        self._begin_call()
         per_seq = {i: s for i, s in enumerate(steers) if s}
         n_prompt = {i: len(t) for i, t in enumerate(token_lists)}
         session = apply_steering(ctx, self.n_layer, self.n_embd, per_seq, n_prompt)
@@ -295,8 +303,12 @@ class Model:
         token_lists = [self._prompt_tokens(p) for p in prompts]
         if not token_lists:
             raise ValueError("no prompts")
-        if len(token_lists) > self._c.n_seq_max:
-            raise ValueError(f"{len(token_lists)} prompts exceed the model's n_seq_max of {self._c.n_seq_max}")
+        width = min(self._c.n_seq_max, self._c.n_batch)
+        if len(token_lists) > width:
+            raise ValueError(
+                f"{len(token_lists)} prompts exceed what one batch holds here ({width}: min of n_seq_max "
+                f"{self._c.n_seq_max} and n_batch {self._c.n_batch}); split them"
+            )
         if steers is None:
             steer_lists: list[list[Steer]] = [[] for _ in token_lists]
         else:
@@ -376,18 +388,18 @@ class Model:
             while active:
                 step: list[_Sequence] = []
                 for sq in active:
+                    if generation != self._generation:
+                        raise LlamaSteerError("this generation was ended by a newer call on the same model")
                     token_id, logprob = sq.sampler.sample(ctx, rows[sq.index])
                     if model.is_eog(token_id):
                         yield from sq.finish()
                         continue
-                    text, stopped = sq.stream.push(bytes(model.token_to_piece(token_id, False)))
+                    text, stopped = sq.stream.push(model.token_to_piece(token_id, False))
                     # A token is yielded once the next one is sampled (or its
                     # sequence ends), so text held back at the end (a split
                     # character, a possible stop string) joins the last token.
                     if sq.held is not None:
                         yield sq.index, Token(*sq.held)
-                        if generation != self._generation:
-                            raise LlamaSteerError("this generation was ended by a newer call on the same model")
                     sq.held = (token_id, text, float(logprob))
                     sq.n_generated += 1
                     if stopped or sq.n_generated >= params.max_tokens:
@@ -401,6 +413,8 @@ class Model:
                 active = step
                 if not active:
                     break
+                if generation != self._generation:
+                    raise LlamaSteerError("this generation was ended by a newer call on the same model")
                 session.update(active[0].n_generated)  # sequences advance in lockstep
                 ctx.decode_step(
                     [sq.held[0] for sq in active],  # type: ignore[index]

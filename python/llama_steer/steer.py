@@ -189,8 +189,10 @@ def apply_steering(
                 # many s is one slot.
                 key = (id(s.vector), None if s.layers is None else tuple(s.layers), s.mode)
                 if key not in slots:
-                    slots[key] = _write_slot(ctx, len(slots), s, n_layer, n_embd)
-                    session._slots.append(slots[key])
+                    slots[key] = len(slots)
+                    if slots[key] < ctx.steer_n_slots:
+                        session._slots.append(slots[key])  # before writing: close() clears a half-written slot
+                    _write_slot(ctx, slots[key], s, n_layer, n_embd)
                 b = _Binding(seq, slots[key], s, s.window(n_prompt[seq]))
                 ctx.steer_bind(b.seq, b.slot, s.strength_at(0), *b.window)
                 session._bindings.append(b)
