@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,12 +81,10 @@ class Model:
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads or 0
         self._ctx: _core.Context | None = _core.Context(self._model, params)
-        try:
+        # A graph without a steering hook still generates; any Steer is then
+        # refused by check_fits with a clear error.
+        with contextlib.suppress(SteeringError):
             self._ctx.steer_init(n_steer_slots, 1)
-        except SteeringError:
-            # The architecture's graph has no steering hook: generation still
-            # works, and any Steer is refused by check_fits with a clear error.
-            pass
         self._generation = 0  # bumped by every new call that uses the context; see _start
         self._steering: SteeringSession | None = None
 
