@@ -108,8 +108,7 @@ void register_context(py::module_& m) {
                 }
                 return py::make_tuple(s.token, s.logprob);
             },
-            py::arg("ctx"), py::arg("idx") = -1)
-        .def("reset", &Sampler::reset);
+            py::arg("ctx"), py::arg("idx") = -1);
 }
 
 }  // namespace llama_steer

@@ -44,7 +44,6 @@ public:
     bool closed() const { return !ctx_; }
 
     const Model& model() const { return *model_; }
-    std::shared_ptr<Model> model_ptr() const { return model_; }
     llama_context* get();  // raises ClosedError when closed
     int32_t n_ctx() const { return n_ctx_; }
     int32_t n_seq_max() const { return params_.n_seq_max; }

@@ -28,7 +28,6 @@ public:
     Sampler(const SamplerParams& params, int32_t n_vocab);
     // Samples from the logits of batch row idx and accepts the token.
     Sample sample(Context& ctx, int32_t idx);
-    void reset() { llama_sampler_reset(chain_.get()); }
 
 private:
     llama_sampler_ptr chain_;

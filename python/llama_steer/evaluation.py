@@ -415,16 +415,14 @@ def word_odds_curve(
     if set(pos_ids) & set(neg_ids):
         raise ValueError("a positive and a negative word share their first token")
     logits = model.logits_batch([prompt] * len(values), [Steer(vec, s) for s in values]).astype(np.float64)
-    logp = logits - (
-        np.log(np.exp(logits - logits.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True))
-        + logits.max(axis=1, keepdims=True)
-    )
 
+    # The softmax normaliser is the same for both word sets of a row, so the
+    # log-odds need only the log-sum-exp of each set's logits.
     def lse(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         m = x.max(axis=1, keepdims=True)
         return np.asarray((m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0], dtype=np.float64)
 
-    return WordOddsCurve(values, lse(logp[:, pos_ids]) - lse(logp[:, neg_ids]), prompt, layer_list)
+    return WordOddsCurve(values, lse(logits[:, pos_ids]) - lse(logits[:, neg_ids]), prompt, layer_list)
 
 
 def plot_word_odds(curve: WordOddsCurve, path: str | os.PathLike[str], title: str = "") -> Path:

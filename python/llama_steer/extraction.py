@@ -254,7 +254,12 @@ def capture(
         if not 0 <= il < model.n_layer:
             raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
     rows = _capture_rows(model, token_lists, positions, layer_list, batch_size, share_prefixes, progress, steers)
-    return np.stack([r.mean(axis=0) if r.shape[0] > 1 else r[0] for r in rows]).astype(np.float32, copy=False)
+    return _average_reads(rows)
+
+
+def _average_reads(rows: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
+    """Per prompt, the mean of its read rows: float32 [n_prompts, n_layers, n_embd]."""
+    return np.stack([r[0] if r.shape[0] == 1 else r.mean(axis=0) for r in rows]).astype(np.float32, copy=False)
 
 
 def _read_positions(read: Read, tokens: Sequence[int]) -> list[int]:
@@ -509,7 +514,7 @@ def extract(
         prompts += [tp, tn]
         reads += [rp, rn]
     rows = _capture_rows(model, prompts, reads, layer_list, batch_size, share_prefixes, progress)
-    acts = np.stack([r[0] if r.shape[0] == 1 else r.mean(axis=0) for r in rows])  # float32 [2n, n_layers, n_embd]
+    acts = _average_reads(rows)  # float32 [2n, n_layers, n_embd]
     del rows
     if not np.all(np.isfinite(acts)):
         bad = int(np.argwhere(~np.isfinite(acts))[0][0]) // 2
