@@ -83,7 +83,9 @@ void register_context(py::module_& m) {
                 const py::ssize_t n = self.model().n_vocab();
                 return py::array_t<float>(n, data);  // a copy: llama.cpp reuses its buffer
             },
-            py::arg("i") = -1);
+            py::arg("i") = -1)
+        .def("token_logprobs", &Context::token_logprobs, py::arg("rows"), py::arg("tokens"),
+             py::call_guard<py::gil_scoped_release>());
 
     py::class_<SamplerParams>(m, "SamplerParams")
         .def(py::init<>())

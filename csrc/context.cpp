@@ -7,6 +7,7 @@
 #include "errors.h"
 #include "llama-steer.h"
 #include "runtime.h"
+#include "sampler.h"
 
 namespace llama_steer {
 
@@ -215,6 +216,17 @@ void Context::set_upstream_cvec(const std::vector<float>& data, int32_t il_start
 const float* Context::logits(int32_t i) {
     const float* out = llama_get_logits_ith(get(), i);
     if (out == nullptr) throw InvalidArgument("no logits for batch row " + std::to_string(i));
+    return out;
+}
+
+std::vector<float> Context::token_logprobs(const std::vector<int32_t>& rows, const std::vector<llama_token>& tokens) {
+    if (rows.size() != tokens.size()) throw InvalidArgument("rows and tokens must have the same length");
+    const int32_t n_vocab = model_->n_vocab();
+    std::vector<float> out(rows.size());
+    for (size_t k = 0; k < rows.size(); ++k) {
+        model_->check_token(tokens[k]);
+        out[k] = token_logprob(logits(rows[k]), n_vocab, tokens[k]);
+    }
     return out;
 }
 

@@ -71,6 +71,9 @@ public:
                      const std::vector<llama_seq_id>& seq);
     // Logits of batch row i (negative: from the end) of the last decode.
     const float* logits(int32_t i);
+    // log softmax(logits(rows[k]))[tokens[k]] for every k: how likely the
+    // model found each token it was given (scoring a continuation).
+    std::vector<float> token_logprobs(const std::vector<int32_t>& rows, const std::vector<llama_token>& tokens);
     // llama.cpp's own single control vector (llama_set_adapter_cvec), kept
     // as the reference the steering buffer is tested against. data holds
     // layers 1..n_layer-1 back to back; empty data disables it.

@@ -162,6 +162,20 @@ def test_evaluate_writes_curve(vector_file: Path, tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
 
 
+def test_evaluate_answer_score_on_a_dataset_file(vector_file: Path, tmp_path: Path) -> None:
+    import json
+
+    items = json.loads((Path(ls.__file__).parent / "data" / "happy_ab.json").read_text())[:4]
+    data = tmp_path / "mood_ab.json"
+    data.write_text(json.dumps(items))
+    r = run("evaluate", "--vector", str(vector_file), "--dataset", str(data), "--strengths=-4,4", "--score", "answer")
+    assert r.returncode == 0, r.stderr
+    assert "mood, steering layers 1-29" in r.stdout and "4 items, answer score" in r.stdout
+    assert len([line for line in r.stdout.splitlines() if line.strip().startswith(("-4", "4"))]) == 2
+    bad = run("evaluate", "--vector", str(vector_file), "--score", "logit")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
 @pytest.mark.parametrize(
     "args,code,message",
     [

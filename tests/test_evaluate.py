@@ -233,3 +233,68 @@ def test_happy_vector_moves_next_word_mood_monotonically(model: ls.Model) -> Non
     assert np.all(steps > 0.5), curve.log_odds
     plain = word_odds_curve(model, vec, [0.0], layers=STEER_LAYERS)
     assert plain.log_odds[0] == pytest.approx(curve.log_odds[2], abs=1e-6)
+
+
+# -- the proof: a behaviour vector moves the shipped dataset ------------------
+def test_happy_vector_moves_shipped_dataset_monotonically(model: ls.Model, happy: ABDataset) -> None:
+    """The happy persona vector (extracted from the bundled pairs, all layers)
+    moves p(matching) on all 40 shipped items upward at each step of
+    strength -8 -> 0 -> +8, scored on the whole replies (``score="answer"``).
+
+    Threshold: at each step the mean rise over items must exceed 0.1 and
+    three standard errors of the paired per-item rise. Logits are exact, so
+    the spread is between items, not runs: three standard errors say the
+    rise holds across the dataset rather than on a few items (p < 0.002 for
+    no effect); 0.1 says it is large enough to see on the curve. Measured on
+    SmolLM2-135M Q4_1: 0.237 -> 0.528 -> 0.761, rises 0.29 (z 7.7) and
+    0.23 (z 5.2); the share of items answered the happy way 22% -> 57% -> 75%.
+
+    Letters are not the score here: this 135M model prefers "A" whatever
+    the choices say (see the module docstring), so no behaviour vector moves
+    its letters; `test_steering_towards_a_moves_each_side_monotonically`
+    shows the letter score itself tracks steering."""
+    vec = ls.extract(model, ls.persona_pairs(model, "happy", max_pairs=120), progress=False)
+    r = evaluate(model, vec, happy, [-8.0, 0.0, 8.0], score="answer", progress=False)
+    assert r.score == "answer" and r.p_matching.shape == (3, 40) and "answer score" in r.title()
+    for lo, hi in ((0, 1), (1, 2)):
+        rise = r.p_matching[hi] - r.p_matching[lo]
+        se = rise.std(ddof=1) / math.sqrt(rise.size)
+        assert rise.mean() > max(0.1, 3 * se), (r.as_table(), rise.mean(), se)
+
+
+def test_answer_score_equals_model_score(model: ls.Model, happy: ABDataset, answer_a: ls.ControlVector) -> None:
+    """Each answer-score p is sigmoid of the difference of the two replies'
+    log-probabilities from :meth:`Model.score` with the same Steer.
+
+    evaluate decodes the four (strength, item) jobs in one batch, ``score``
+    one alone; scoring keeps every row on one attention kernel, so the
+    numbers match (measured: exactly; 1e-4 allows for summation order)."""
+    from llama_steer.evaluation import ab_prompt, answer_reply
+
+    items = ABDataset("two", happy.items[:2])
+    r = evaluate(model, answer_a, items, [-1.0, 1.0], score="answer", progress=False)
+    for si, s in enumerate((-1.0, 1.0)):
+        for j, item in enumerate(items):
+            lp = model.score(
+                ab_prompt(model, item.question),
+                [answer_reply(item, item.matching), answer_reply(item, item.not_matching)],
+                steer=ls.Steer(answer_a, s),
+            )
+            assert r.p_matching[si, j] == pytest.approx(1.0 / (1.0 + math.exp(lp[1] - lp[0])), abs=1e-4)
+
+
+def test_choice_texts() -> None:
+    from llama_steer.evaluation import answer_reply, choice_text
+
+    ds = parse_ab_dataset([_item(), _item(question="Pick (A) or (B)?\n\nChoices:\n(A)  Red.\n(B) Blue and\ngreen.")])
+    assert [choice_text(ds[0], x) for x in "AB"] == ["Great!", "Awful."]
+    assert choice_text(ds[1], "A") == "Red." and choice_text(ds[1], "B") == "Blue and\ngreen."
+    assert answer_reply(ds[0], "B") == "B) Awful."
+    empty = parse_ab_dataset([_item(question="How?\n(A)\n(B) No.")])
+    with pytest.raises(ls.DatasetError, match=r"\(A\) has no text"):
+        choice_text(empty[0], "A")
+
+
+def test_unknown_score_is_refused(model: ls.Model, happy: ABDataset, answer_a: ls.ControlVector) -> None:
+    with pytest.raises(ValueError, match="score must be one of letter, answer"):
+        evaluate(model, answer_a, ABDataset("one", happy.items[:1]), score="logit", progress=False)

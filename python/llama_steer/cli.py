@@ -409,7 +409,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         path, base = parse_vector_spec(args.vector)
         vec = ControlVector.load(path)
         data = load_ab_dataset(args.dataset)
-        result = evaluate(model, vec * base, data, args.strengths, layers=_clip(args.layers, vec), progress=True)
+        result = evaluate(
+            model, vec * base, data, args.strengths, layers=_clip(args.layers, vec), score=args.score, progress=True
+        )
     print(result.as_table())
     if args.plot:
         plot_curve(result, args.plot)
@@ -531,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="happy", help="CAA-format JSON file or a bundled name (default: happy)")
     p.add_argument("--strengths", type=parse_strengths, default=parse_strengths("-6,-3,0,3,6"), metavar="S,S,...")
     p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B")
+    p.add_argument(
+        "--score",
+        choices=("letter", "answer"),
+        default="letter",
+        help="letter: p of the matching answer letter (CAA); answer: p of the whole matching reply, "
+        "letter and text (for small models that do not map choices to letters). Default: letter",
+    )
     p.add_argument("--plot", help="write the steering curve PNG")
     _add_model_args(p)
     p.set_defaults(func=cmd_evaluate)

@@ -5,10 +5,20 @@ CAA (Rimsky et al., "Steering Llama 2 via Contrastive Activation Addition"):
 a JSON list of ``{"question": ..., "answer_matching_behavior": "(A)",
 "answer_not_matching_behavior": "(B)"}``, the question text listing the
 choices ``(A) ...`` and ``(B) ...``. For each strength and question the model
-reads the question, then an assistant turn opened with ``(``, and the score is
-the probability of the matching letter against the other one alone:
-``p(matching) = softmax(logit[match], logit[other])[0]``. A vector that
-steers the behaviour moves the mean of that probability with the strength.
+reads the question, then an assistant turn opened with ``(``. Two scores:
+
+- ``"letter"`` (CAA's): the probability of the matching letter against the
+  other one alone, ``softmax(logit[match], logit[other])[0]``;
+- ``"answer"``: the probability of the whole matching reply, its letter and
+  its choice's text (``"A) Happy and cheerful."``), against the other reply,
+  ``sigmoid(log p(matching reply) - log p(other reply))``.
+
+Letters need a model that reads the choices and maps them to letters;
+models under about 1B parameters mostly do not (the bundled 135M and 270M
+models prefer "A" whatever the choices say), so a behaviour vector cannot
+move their letters. The answer score asks the same question of the replies
+themselves and works at any size. A vector that steers the behaviour moves
+the mean p(matching) with the strength.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ if TYPE_CHECKING:
 
 KEYS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 _ANSWER = re.compile(r"\(([A-Z])\)")
+_CHOICE = re.compile(r"\(([A-Z])\)[ \t]*")  # a choice's label in the question
+SCORES = ("letter", "answer")
 _SUFFIX = "_ab.json"  # bundled file of a dataset name: data/<name>_ab.json
 
 
@@ -169,7 +181,7 @@ class EvalResult:
     ``p_matching``: float64 [n_strengths, n_items], row i for
     ``strengths[i]``, column j for item j of the dataset. ``layers``: the
     layers steered; ``behaviour``: the dataset's name; ``model``: the
-    model's name.
+    model's name; ``score``: ``"letter"`` or ``"answer"`` (see :func:`evaluate`).
     """
 
     strengths: list[float]
@@ -177,6 +189,7 @@ class EvalResult:
     behaviour: str = ""
     layers: list[int] = field(default_factory=list)
     model: str = ""
+    score: str = "letter"
 
     @property
     def mean(self) -> npt.NDArray[np.float64]:
@@ -208,7 +221,7 @@ class EvalResult:
         what = self.behaviour or "A/B evaluation"
         where = f", steering layers {_ranges(self.layers)}" if self.layers else ""
         who = f" ({self.model})" if self.model else ""
-        return f"{what}{where}{who}, {self.p_matching.shape[1]} items"
+        return f"{what}{where}{who}, {self.p_matching.shape[1]} items, {self.score} score"
 
 
 def _ranges(layers: Sequence[int]) -> str:
@@ -254,6 +267,27 @@ def _letter_token(model: Model, letter: str, prompt_tokens: Sequence[int], promp
     return ids[0]
 
 
+def choice_text(item: ABItem, letter: str) -> str:
+    """The text of choice ``letter`` in ``item``'s question: from its label
+    ``(X)`` to the next label or the end, stripped (the last ``(X)`` is the
+    label when the question also mentions it)."""
+    labels = list(_CHOICE.finditer(item.question))
+    mine = [k for k, m in enumerate(labels) if m.group(1) == letter]
+    if not mine:
+        raise DatasetError(f"the question does not list the choice ({letter}): {item.question[:60]!r}")
+    k = mine[-1]
+    end = labels[k + 1].start() if k + 1 < len(labels) else len(item.question)
+    text = item.question[labels[k].end() : end].strip()
+    if not text:
+        raise DatasetError(f"the choice ({letter}) has no text: {item.question[:60]!r}")
+    return text
+
+
+def answer_reply(item: ABItem, letter: str) -> str:
+    """The reply the answer score reads after ``(``: ``"A) <choice text>"``."""
+    return f"{letter}) {choice_text(item, letter)}"
+
+
 def _check_strengths(strengths: Sequence[float]) -> list[float]:
     if isinstance(strengths, (str, bytes)) or not hasattr(strengths, "__iter__"):
         raise ValueError(f"strengths must be a sequence of numbers, got {strengths!r}")
@@ -289,6 +323,7 @@ def evaluate(
     strengths: Sequence[float] = (-4, -2, 0, 2, 4),
     *,
     layers: Iterable[int] | None = None,
+    score: str = "letter",
     progress: bool = True,
     chat: bool = True,
 ) -> EvalResult:
@@ -297,15 +332,21 @@ def evaluate(
     ``dataset``: an :class:`ABDataset`, a bundled name (``"happy"``), a JSON
     path, or a list of CAA-format dicts. Each item is asked as in
     :func:`ab_prompt` with ``Steer(vector, strength, layers=layers)``
-    (every position, prompt included); the score is the softmax over the
-    logits of the two answer letters only. Deterministic: the logits are
-    exact, nothing is sampled. Returns an :class:`EvalResult` whose
-    ``p_matching`` is float64 [len(strengths), len(dataset)].
+    (every position, prompt included). ``score="letter"`` (CAA's) is the
+    softmax over the logits of the two answer letters only;
+    ``score="answer"`` compares the probabilities of the two whole replies,
+    letter and choice text (:func:`answer_reply`), for models too small to
+    map choices to letters. Deterministic: nothing is sampled. Returns an
+    :class:`EvalResult` whose ``p_matching`` is float64
+    [len(strengths), len(dataset)].
 
-    Bad arguments (no strengths, a non-finite one, a vector made for another
-    model or with layers the model lacks) raise ``ValueError``.
+    Bad arguments (no strengths, a non-finite one, an unknown score, a
+    vector made for another model or with layers the model lacks) raise
+    ``ValueError``.
     """
     strength_list = _check_strengths(strengths)
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     data = _as_dataset(dataset)
     vec = vector if isinstance(vector, ControlVector) else ControlVector(vector)
     if layers is not None:
@@ -316,6 +357,21 @@ def evaluate(
     check_fits(model._c, steers[:1], model.n_layer, model.n_embd)  # fail before decoding anything
     prompts = [ab_prompt(model, item.question, chat=chat) for item in data]
     token_lists = [model.tokenize(p, add_special=True, parse_special=True) for p in prompts]
+    score_items = _score_letters if score == "letter" else _score_answers
+    diff = score_items(model, data, prompts, token_lists, steers, progress)  # log-odds, [n_strengths, n_items]
+    p = 1.0 / (1.0 + np.exp(-diff))
+    return EvalResult(strength_list, p, behaviour=data.name, layers=vec.layers, model=model.name, score=score)
+
+
+def _score_letters(
+    model: Model,
+    data: ABDataset,
+    prompts: Sequence[str],
+    token_lists: Sequence[Sequence[int]],
+    steers: Sequence[Steer],
+    progress: bool,
+) -> npt.NDArray[np.float64]:
+    """logit[match] - logit[other] per (strength, item)."""
     letter_ids: dict[str, int] = {}
     for item in data:
         for letter in (item.matching, item.not_matching):
@@ -327,7 +383,7 @@ def evaluate(
     # Every (strength, item) pair is one sequence of a batch, steered on its own.
     jobs = [(si, j) for si in range(len(steers)) for j in range(len(data))]
     lengths = [len(token_lists[j]) for _, j in jobs]
-    diff = np.empty((len(steers), len(data)), dtype=np.float64)  # logit[match] - logit[other]
+    diff = np.empty((len(steers), len(data)), dtype=np.float64)
     bar = _progress_bar(sum(lengths), progress)
     try:
         for chunk in _chunks(lengths, model._c.n_seq_max, model.n_ctx):
@@ -340,8 +396,35 @@ def evaluate(
             bar.update(sum(lengths[k] for k in chunk))
     finally:
         bar.close()
-    p = 1.0 / (1.0 + np.exp(-diff))
-    return EvalResult(strength_list, p, behaviour=data.name, layers=vec.layers, model=model.name)
+    return diff
+
+
+def _score_answers(
+    model: Model,
+    data: ABDataset,
+    prompts: Sequence[str],
+    token_lists: Sequence[Sequence[int]],
+    steers: Sequence[Steer],
+    progress: bool,
+) -> npt.NDArray[np.float64]:
+    """log p(matching reply) - log p(other reply) per (strength, item)."""
+    from .scoring import ScoreJob, continuation_tokens, score_jobs
+
+    replies = []
+    for j, item in enumerate(data):
+        try:
+            texts = [answer_reply(item, item.matching), answer_reply(item, item.not_matching)]
+        except DatasetError as exc:
+            raise DatasetError(f"{data.name}: item {j}: {exc}") from None
+        replies.append([continuation_tokens(model, token_lists[j], prompts[j], t) for t in texts])
+    jobs = [ScoreJob(token_lists[j], replies[j], [s]) for s in steers for j in range(len(data))]
+    bar = _progress_bar(sum(job.n_cells for job in jobs), progress)
+    try:
+        scored = score_jobs(model, jobs, on_group=bar.update)
+    finally:
+        bar.close()
+    diff = np.array([float(m.sum() - o.sum()) for m, o in scored], dtype=np.float64)
+    return diff.reshape(len(steers), len(data))
 
 
 # -- plot -------------------------------------------------------------------------

@@ -294,6 +294,35 @@ class Model:
         finally:
             self._end_steering()
 
+    def score(
+        self,
+        prompt: str,
+        continuations: str | Sequence[str],
+        *,
+        steer: Steer | Sequence[Steer] | None = None,
+        per_token: bool = False,
+    ) -> npt.NDArray[np.float64]:
+        """Log-probability of each continuation right after ``prompt``.
+
+        Returns float64 [n_continuations], the sum over each continuation's
+        tokens (``per_token=True``: a list of per-token arrays instead). The
+        prompt is decoded once and every continuation branches off it, so
+        scoring answers to one question costs the question once. ``steer``
+        applies to the prompt and the continuations alike. One str scores
+        one continuation.
+        """
+        from .scoring import ScoreJob, continuation_tokens, score_jobs
+
+        if not isinstance(prompt, str):
+            raise TypeError("prompt must be a str")
+        conts = [continuations] if isinstance(continuations, str) else list(continuations)
+        tokens = self._prompt_tokens(prompt)
+        job = ScoreJob(tokens, [continuation_tokens(self, tokens, prompt, c) for c in conts], as_steers(steer))
+        per = score_jobs(self, [job])[0]
+        if per_token:
+            return per  # type: ignore[return-value]
+        return np.array([float(x.sum()) for x in per], dtype=np.float64)
+
     def _batch_args(
         self, prompts: Sequence[Prompt], steers: Sequence[Steer | Sequence[Steer] | None] | None
     ) -> tuple[list[list[int]], list[list[Steer]]]:

@@ -1,0 +1,209 @@
+"""Scoring continuations: how likely a model finds given texts after a prompt.
+
+Each prompt is decoded once, with one sequence per continuation branching
+off it in the KV cache (the prompt's tokens are tagged with all of them), so
+scoring two answers to a question costs the question once. Many prompts go
+into one batch, each steered on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from .errors import ContextOverflowError
+from .steer import Steer, apply_steering, check_fits
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """A prompt (token ids), the continuations to score after it (token ids,
+    each non-empty) and the steering of all of them."""
+
+    prompt: Sequence[int]
+    continuations: Sequence[Sequence[int]]
+    steers: Sequence[Steer] = ()
+
+    @property
+    def n_cells(self) -> int:
+        """KV cells the job occupies: the prompt once, and each continuation
+        but its last token (which is only predicted)."""
+        return len(self.prompt) + sum(len(c) - 1 for c in self.continuations)
+
+
+def continuation_tokens(model: Model, prompt_tokens: Sequence[int], prompt: str, continuation: str) -> list[int]:
+    """Token ids of ``continuation`` as the model reads it after ``prompt``:
+    the tail of tokenizing both together when that keeps the prompt's tokens,
+    else the continuation tokenized alone (a tokenizer merged across the seam)."""
+    if not continuation:
+        raise ValueError("a continuation is empty")
+    both = model.tokenize(prompt + continuation, add_special=True, parse_special=True)
+    n = len(prompt_tokens)
+    if both[:n] == list(prompt_tokens) and len(both) > n:
+        return both[n:]
+    return model.tokenize(continuation, add_special=False, parse_special=False)
+
+
+def _groups(jobs: Sequence[ScoreJob], n_seq: int, n_ctx: int) -> Iterator[range]:
+    """Consecutive ranges of jobs that share one KV cache: at most ``n_seq``
+    continuations and ``n_ctx`` cells."""
+    start = seqs = cells = 0
+    for i, job in enumerate(jobs):
+        if len(job.continuations) > n_seq:
+            raise ValueError(f"{len(job.continuations)} continuations of one prompt exceed n_seq_max {n_seq}")
+        if job.n_cells > n_ctx:
+            raise ContextOverflowError(
+                f"a prompt and its continuations hold {job.n_cells} tokens; the context holds {n_ctx}"
+            )
+        if i > start and (seqs + len(job.continuations) > n_seq or cells + job.n_cells > n_ctx):
+            yield range(start, i)
+            start, seqs, cells = i, 0, 0
+        seqs += len(job.continuations)
+        cells += job.n_cells
+    if start < len(jobs):
+        yield range(start, len(jobs))
+
+
+def score_jobs(
+    model: Model, jobs: Sequence[ScoreJob], *, on_group: Callable[[int], None] | None = None
+) -> list[list[npt.NDArray[np.float64]]]:
+    """Per job, per continuation: the log-probability of each of its tokens
+    (float64 [len(continuation)]), under that job's steering.
+
+    Steering applies to the prompt and the continuation alike (positions
+    ``"generated"`` mean the continuation's tokens). Scheduled strengths are
+    refused: a continuation is read in one pass, not generated step by step.
+    ``on_group(n)`` is called after each batch with the tokens it decoded (progress).
+    """
+    ctx = model._c
+    for job in jobs:
+        if not job.prompt:
+            raise ValueError("a prompt is empty")
+        if not job.continuations:
+            raise ValueError("no continuations to score")
+        if any(not c for c in job.continuations):
+            raise ValueError("a continuation is empty")
+        for s in job.steers:
+            if s.scheduled:
+                raise ValueError("scoring takes constant strengths, not a schedule")
+        check_fits(ctx, list(job.steers), model.n_layer, model.n_embd)
+    out: list[list[npt.NDArray[np.float64]]] = []
+    for group in _groups(jobs, ctx.n_seq_max, ctx.n_ctx):
+        batch = [jobs[i] for i in group]
+        out.extend(_score_group(model, batch))
+        if on_group is not None:
+            on_group(sum(job.n_cells for job in batch))
+    return out
+
+
+def _score_group(model: Model, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArray[np.float64]]]:
+    ctx = model._c
+    seqs_of: list[list[int]] = []
+    per_seq: dict[int, list[Steer]] = {}
+    n_prompt: dict[int, int] = {}
+    for job in jobs:
+        first = sum(len(s) for s in seqs_of)
+        seqs = list(range(first, first + len(job.continuations)))
+        seqs_of.append(seqs)
+        for s in seqs:
+            n_prompt[s] = len(job.prompt)
+            if job.steers:
+                per_seq[s] = list(job.steers)
+
+    # Head: every prompt but its last token, shared by its sequences.
+    head = _Batch()
+    for job, seqs in zip(jobs, seqs_of):
+        for p, t in enumerate(job.prompt[:-1]):
+            head.add(t, p, seqs, False)
+    # Tail: each prompt's last token (shared) and the continuations, every
+    # row but a continuation's last giving the logits of the next token.
+    tail = _Batch()
+    rows: list[int] = []
+    targets: list[int] = []
+    for job, seqs in zip(jobs, seqs_of):
+        n = len(job.prompt)
+        last_row = tail.add(job.prompt[-1], n - 1, seqs, True)
+        for seq, cont in zip(seqs, job.continuations):
+            prev = last_row
+            for k, t in enumerate(cont):
+                rows.append(prev)
+                targets.append(int(t))
+                if k + 1 < len(cont):
+                    prev = tail.add(t, n + k, [seq], True)
+
+    model._begin_call()
+    session = apply_steering(ctx, model.n_layer, model.n_embd, per_seq, n_prompt)
+    model._steering = session
+    lp = np.empty(len(targets), dtype=np.float64)
+    try:
+        ctx.clear()
+        for a, b in _spans(len(head.tokens)):
+            ctx.decode(head.build(a, b))
+        by_row = np.argsort(rows, kind="stable")  # pairs in the order their rows are decoded
+        sorted_rows = np.asarray(rows)[by_row]
+        for a, b in _spans(len(tail.tokens)):
+            ctx.decode(tail.build(a, b))
+            # A row's logits last until the next decode: read them now.
+            lo, hi = np.searchsorted(sorted_rows, [a, b])
+            pick = by_row[lo:hi]
+            local = [int(rows[i]) - a for i in pick]
+            lp[pick] = ctx.token_logprobs(local, [targets[i] for i in pick])
+    finally:
+        model._end_steering()
+        ctx.clear()
+    out: list[list[npt.NDArray[np.float64]]] = []
+    k = 0
+    for job in jobs:
+        per_cont = []
+        for cont in job.continuations:
+            per_cont.append(lp[k : k + len(cont)])
+            k += len(cont)
+        out.append(per_cont)
+    return out
+
+
+class _Batch:
+    """Tokens of one decode, each tagged with one or more sequences."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.pos: list[int] = []
+        self.seq: list[int] = []
+        self.offsets: list[int] = [0]
+        self.output: list[int] = []
+
+    def add(self, token: int, pos: int, seqs: Sequence[int], output: bool) -> int:
+        """Append a token; returns its batch row."""
+        self.tokens.append(int(token))
+        self.pos.append(pos)
+        self.seq.extend(seqs)
+        self.offsets.append(len(self.seq))
+        self.output.append(1 if output else 0)
+        return len(self.tokens) - 1
+
+    def build(self, a: int, b: int) -> _core.BatchTokens:
+        """The tokens [a, b) as one batch."""
+        lo, hi = self.offsets[a], self.offsets[b]
+        offsets = [o - lo for o in self.offsets[a : b + 1]]
+        return _core.BatchTokens(self.tokens[a:b], self.pos[a:b], self.seq[lo:hi], self.output[a:b], offsets)
+
+
+# ggml's CPU flash attention switches from a per-row kernel (f16 queries) to
+# a tiled one (f32 queries) at 64 query rows in a ubatch (GGML_FA_TILE_Q),
+# which moves log-probabilities by up to ~0.3 nats on small models. Decoding
+# at most 63 rows at a time keeps every row on the per-row kernel, so a
+# score does not depend on what else shares its batch.
+_MAX_ROWS = 63
+
+
+def _spans(n: int) -> Iterator[tuple[int, int]]:
+    for a in range(0, n, _MAX_ROWS):
+        yield a, min(a + _MAX_ROWS, n)
