@@ -106,6 +106,7 @@ class Model:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` has run (every call then raises ``ClosedError``)."""
         return self._ctx is None
 
     def __enter__(self) -> Model:
@@ -133,34 +134,42 @@ class Model:
     # -- metadata -----------------------------------------------------------
     @property
     def path(self) -> Path:
+        """The GGUF file this model was loaded from."""
         return self._path
 
     @property
     def n_layer(self) -> int:
+        """Number of transformer blocks."""
         return int(self._m.n_layer)
 
     @property
     def n_embd(self) -> int:
+        """Width of the residual stream (a steering vector's length)."""
         return int(self._m.n_embd)
 
     @property
     def n_vocab(self) -> int:
+        """Vocabulary size (the length of a logits row)."""
         return int(self._m.n_vocab)
 
     @property
     def n_ctx(self) -> int:
+        """Tokens the context holds (llama.cpp pads the asked size to a multiple of 256)."""
         return int(self._c.n_ctx)
 
     @property
     def arch(self) -> str:
+        """The GGUF's ``general.architecture`` (``"llama"``, ``"gemma3"``, ...)."""
         return str(self._m.meta("general.architecture"))
 
     @property
     def name(self) -> str:
+        """The GGUF's ``general.name``, or the file's stem."""
         return str(self._m.meta("general.name")) or self._path.stem
 
     @property
     def chat_template(self) -> str | None:
+        """The GGUF's Jinja chat template, or None when it has none."""
         return str(self._m.chat_template) or None
 
     # -- text ---------------------------------------------------------------

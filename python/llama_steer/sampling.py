@@ -69,6 +69,7 @@ class SamplingParams:
         return replace(self, seed=(self.seed + offset) % (_MAX_SEED + 1))
 
     def make_sampler(self, n_vocab: int) -> _core.Sampler:
+        """A fresh llama.cpp sampler chain with these settings."""
         p = _core.SamplerParams()
         p.temperature = float(self.temperature)
         p.top_k = int(self.top_k)

@@ -102,6 +102,7 @@ class Steer:
 
     @property
     def scheduled(self) -> bool:
+        """Whether the strength is a list or a callable (changes per decode step)."""
         return not isinstance(self.strength, (int, float))
 
     def window(self, n_prompt: int) -> tuple[int, int]:
@@ -116,6 +117,7 @@ class Steer:
 
 
 def as_steers(steer: Steer | Sequence[Steer] | None) -> list[Steer]:
+    """One Steer, a sequence of them or None, as a list (type-checked)."""
     if steer is None:
         return []
     if isinstance(steer, Steer):
@@ -157,6 +159,7 @@ class SteeringSession:
                 self._ctx.steer_bind(b.seq, b.slot, b.steer.strength_at(step), *b.window)
 
     def close(self) -> None:
+        """Unbind and clear everything this session wrote (idempotent)."""
         if not self._open:
             return
         self._open = False

@@ -83,10 +83,12 @@ class ControlVector:
 
     @property
     def layers(self) -> list[int]:
+        """The layers that have a direction, ascending (each ≥ 1)."""
         return list(self._directions)
 
     @property
     def n_embd(self) -> int:
+        """Width of each direction: the model's embedding size."""
         return int(next(iter(self._directions.values())).shape[0])
 
     def __getitem__(self, layer: int) -> FloatArray:
@@ -102,6 +104,7 @@ class ControlVector:
         return len(self._directions)
 
     def items(self) -> Iterable[tuple[int, FloatArray]]:
+        """``(layer, direction)`` pairs, ascending by layer."""
         return self._directions.items()
 
     def __repr__(self) -> str:
