@@ -18,7 +18,7 @@ import math
 import os
 
 import llama_steer as ls
-from llama_steer.evaluation import ab_prompt, evaluate
+from llama_steer.evaluation import _letter_token, ab_prompt, evaluate
 
 EASY = [
     ("Which one is a fruit?", "Apple", "Hammer"),
@@ -33,11 +33,12 @@ EASY = [
 
 
 def p_correct(model: ls.Model, right_first: bool) -> float:
-    a, b = (model.tokenize(x, add_special=False)[0] for x in ("A", "B"))
     total = 0.0
     for q, right, wrong in EASY:
         first, second = (right, wrong) if right_first else (wrong, right)
-        logits = model.logits(ab_prompt(model, f"{q}\n\nChoices:\n(A) {first}\n(B) {second}"))
+        prompt = ab_prompt(model, f"{q}\n\nChoices:\n(A) {first}\n(B) {second}")
+        a, b = (_letter_token(model, x, prompt) for x in ("A", "B"))  # as evaluate reads them
+        logits = model.logits(prompt)
         p_a = 1.0 / (1.0 + math.exp(float(logits[b] - logits[a])))
         total += p_a if right_first else 1.0 - p_a
     return total / len(EASY)

@@ -286,9 +286,20 @@ def test_answer_score_equals_model_score(model: ls.Model, happy: ABDataset, answ
 def test_choice_texts() -> None:
     from llama_steer.evaluation import answer_reply, choice_text
 
-    ds = parse_ab_dataset([_item(), _item(question="Pick (A) or (B)?\n\nChoices:\n(A)  Red.\n(B) Blue and\ngreen.")])
+    ds = parse_ab_dataset(
+        [
+            _item(),
+            _item(question="Pick (A) or (B)?\n\nChoices:\n(A)  Red.\n (B) Blue and\ngreen."),
+            _item(question="Mood?\n(A) Unlike (B), I am happy.\n(B) Sad.\n\nAnswer with (A) or (B)."),
+            _item(question="Mood? (A) Happy. (B) Sad."),
+        ]
+    )
     assert [choice_text(ds[0], x) for x in "AB"] == ["Great!", "Awful."]
-    assert choice_text(ds[1], "A") == "Red." and choice_text(ds[1], "B") == "Blue and\ngreen."
+    # labels at a line start are the choices; a choice is the rest of its line
+    assert choice_text(ds[1], "A") == "Red." and choice_text(ds[1], "B") == "Blue and"
+    assert [choice_text(ds[2], x) for x in "AB"] == ["Unlike (B), I am happy.", "Sad."]
+    # no line-start labels: inline ones, each up to the next
+    assert [choice_text(ds[3], x) for x in "AB"] == ["Happy.", "Sad."]
     assert answer_reply(ds[0], "B") == "B) Awful."
     empty = parse_ab_dataset([_item(question="How?\n(A)\n(B) No.")])
     with pytest.raises(ls.DatasetError, match=r"\(A\) has no text"):

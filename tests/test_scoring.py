@@ -5,7 +5,7 @@ from __future__ import annotations
 import llama_steer as ls
 import numpy as np
 import pytest
-from llama_steer.scoring import ScoreJob, _groups, continuation_tokens, score_jobs
+from llama_steer.scoring import ScoreJob, _groups, pack, score_jobs, split_at_seam
 
 CONTINUATIONS = ["I feel great today!", "I feel awful.", "Blue"]
 
@@ -16,8 +16,7 @@ def _prompt(model: ls.Model) -> str:
 
 def _reference(model: ls.Model, prompt: str, cont: str, steer: ls.Steer | None = None) -> np.ndarray:
     """Token by token with plain ``logits``: log softmax at each next token."""
-    head = model.tokenize(prompt, parse_special=True)
-    toks = continuation_tokens(model, head, prompt, cont)
+    head, (toks,) = split_at_seam(model, prompt, [cont])
     out = []
     for k, t in enumerate(toks):
         logits = model.logits(head + toks[:k], steer=steer).astype(np.float64)
@@ -74,8 +73,7 @@ def test_many_jobs_in_batches_equal_one_by_one(model: ls.Model) -> None:
         ]
         jobs, alone = [], []
         for i, p in enumerate(prompts):
-            head = small.tokenize(p, parse_special=True)
-            conts = [continuation_tokens(small, head, p, c) for c in CONTINUATIONS[:2]]
+            head, conts = split_at_seam(small, p, CONTINUATIONS[:2])
             steers = [ls.Steer(vec, float(i - 1))]
             jobs.append(ScoreJob(head, conts, steers))
             alone.append(small.score(p, CONTINUATIONS[:2], steer=steers, per_token=True))
@@ -96,6 +94,10 @@ def test_groups_respect_every_limit() -> None:
         list(_groups([job], 1, 1000))
     with pytest.raises(ls.ContextOverflowError, match="context holds 12"):
         list(_groups([job], 64, 12))
+    # pack: every dimension's sum stays within its limit; an oversized item stands alone
+    assert list(pack([(1, 5), (1, 5), (1, 5)], (2, 100))) == [range(0, 2), range(2, 3)]
+    assert list(pack([(1, 5), (1, 50), (1, 5)], (9, 10))) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert list(pack([], (1, 1))) == []
 
 
 def test_long_prompts_span_several_decodes(model: ls.Model) -> None:
@@ -104,8 +106,7 @@ def test_long_prompts_span_several_decodes(model: ls.Model) -> None:
     or its tail after the prompt plus its head, gives the same tail numbers
     although the two lay their rows out differently."""
     prompt = model.apply_chat_template([{"role": "user", "content": "Tell me about your week. " * 12}])
-    head = model.tokenize(prompt, parse_special=True)
-    cont = continuation_tokens(model, head, prompt, "It was a long and happy week with many small joys, " * 6)
+    head, (cont,) = split_at_seam(model, prompt, ["It was a long and happy week with many small joys, " * 6])
     assert len(head) > 63 and len(cont) > 63
     whole, split = score_jobs(model, [ScoreJob(head, [cont]), ScoreJob(head + cont[:50], [cont[50:]])])
     assert whole[0].shape == (len(cont),) and np.all(whole[0] <= 0)
@@ -114,6 +115,7 @@ def test_long_prompts_span_several_decodes(model: ls.Model) -> None:
 
 def test_bad_arguments(model: ls.Model) -> None:
     prompt = _prompt(model)
+    before = model.score(prompt, ["Blue", "Red"])
     with pytest.raises(ValueError, match="empty"):
         model.score(prompt, [""])
     with pytest.raises(ValueError, match="no continuations"):
@@ -121,7 +123,9 @@ def test_bad_arguments(model: ls.Model) -> None:
     with pytest.raises(ValueError, match="empty"):
         model.score("", ["x"])
     with pytest.raises(TypeError, match="str"):
-        model.score([1, 2, 3], ["x"])  # type: ignore[arg-type]
+        model.score([1, 2, 3], ["x"])  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="str"):
+        model.score(prompt, [b"x"])  # type: ignore[list-item]
     vec = ls.ControlVector({10: np.ones(model.n_embd, dtype=np.float32)})
     with pytest.raises(ValueError, match="constant strengths"):
         model.score(prompt, ["x"], steer=ls.Steer(vec, [0.0, 1.0]))
@@ -129,8 +133,38 @@ def test_bad_arguments(model: ls.Model) -> None:
         model.score(prompt, ["x"], steer=ls.Steer(ls.ControlVector({5: np.ones(16, dtype=np.float32)}), 1.0))
     with pytest.raises(ls.ContextOverflowError):
         model.score(prompt, ["word " * 5000])
-    # nothing is left behind: a plain score after the errors is unchanged
-    assert model.score(prompt, "Blue")[0] == pytest.approx(model.score(prompt, ["Blue"])[0])
+    with pytest.raises(ValueError, match="n_seq_max"):
+        model.score(prompt, [f"{i}" for i in range(65)])
+    # A failure in the middle of a steered decode (a token id the model
+    # lacks) leaves no steering and no cache behind.
+    head, tails = split_at_seam(model, prompt, ["Blue"])
+    with pytest.raises(ValueError, match="token"):
+        score_jobs(model, [ScoreJob(head, [[*tails[0], model.n_vocab + 5, 1]], [ls.Steer(vec, 4.0)])])
+    assert model._steering is None
+    np.testing.assert_array_equal(model.score(prompt, ["Blue", "Red"]), before)
+    # numpy scalars are constant strengths
+    np.testing.assert_allclose(
+        model.score(prompt, ["Blue"], steer=ls.Steer(vec, np.float32(0.0))), before[:1], atol=1e-6
+    )
+
+
+def test_small_n_batch_and_tokenizer_seams(model_path: object) -> None:
+    """Decode spans shrink to n_batch (outputs must sit in one chunk), and a
+    continuation that merges with the prompt's end scores the text as the
+    model reads it whole."""
+    with ls.Model(model_path, n_threads=2, n_batch=16, n_ctx=512) as m:  # type: ignore[arg-type]
+        prompt = m.apply_chat_template([{"role": "user", "content": "How do you feel?"}])
+        cont = "I feel great today! " * 4
+        got = m.score(prompt, [cont], per_token=True)[0]
+        assert got.shape[0] > 16
+        np.testing.assert_allclose(got, _reference(m, prompt, cont), atol=1e-3)
+        # "hel" + "lo": the whole text reads "hello" as one token, so the
+        # prompt keeps its tokens before "hel" and the continuation is "hello".
+        head, tails = split_at_seam(m, "Say hel", ["lo", "p"])
+        whole = m.tokenize("Say hello")
+        assert head == whole[:-1] and tails[0] == whole[-1:]
+        assert m.detokenize(tails[1]) in ("help", " help")
+        assert m.score("Say hel", ["lo", "p"]).shape == (2,)
 
 
 def test_closed_model_raises(model_path: object) -> None:

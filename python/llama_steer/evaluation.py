@@ -17,8 +17,13 @@ Letters need a model that reads the choices and maps them to letters;
 models under about 1B parameters mostly do not (the bundled 135M and 270M
 models prefer "A" whatever the choices say), so a behaviour vector cannot
 move their letters. The answer score asks the same question of the replies
-themselves and works at any size. A vector that steers the behaviour moves
-the mean p(matching) with the strength.
+themselves, so it needs no such reading. Two things enter it besides the
+behaviour: the model's letter preference (the reply starts with its letter)
+and the replies' lengths (a sum of log-probabilities). Both are fixed per
+item, so they shift where an item's curve sits, not how steering moves it,
+and a dataset balanced over letters (as the bundled one is) cancels the
+first in the mean. A vector that steers the behaviour moves the mean
+p(matching) with the strength.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ if TYPE_CHECKING:
 
 KEYS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 _ANSWER = re.compile(r"\(([A-Z])\)")
-_CHOICE = re.compile(r"\(([A-Z])\)[ \t]*")  # a choice's label in the question
+_LABEL = re.compile(r"\(([A-Z])\)[ \t]*")  # a choice's label anywhere in the question
+_LINE_LABEL = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]*", re.MULTILINE)  # ... at the start of a line
 SCORES = ("letter", "answer")
 _SUFFIX = "_ab.json"  # bundled file of a dataset name: data/<name>_ab.json
 
@@ -250,36 +256,41 @@ def ab_prompt(model: Model, question: str, *, chat: bool = True) -> str:
     return f"{question}\n\nAnswer: ("
 
 
-def _letter_token(model: Model, letter: str, prompt_tokens: Sequence[int], prompt: str) -> int:
-    """The token the model reads for ``letter`` right after ``(``: the letter
-    alone, without a leading space (SmolLM2 and Gemma 3 both write "(A)" as
-    "(", "A", ")")."""
-    ids = model.tokenize(letter, add_special=False)
-    if len(ids) != 1:
-        raise LlamaSteerError(f"the model tokenizes the answer letter {letter!r} as {len(ids)} tokens, not one")
-    # The prompt followed by the letter must tokenize as the prompt's tokens
-    # plus that one token, or the letter would not be what the model reads
-    # after "(" (a tokenizer that merges "(A" into one token).
-    if model.tokenize(prompt + letter, parse_special=True) != [*prompt_tokens, ids[0]]:
+def _letter_token(model: Model, letter: str, prompt: str) -> int:
+    """The token the model reads for ``letter`` right after the prompt's
+    ``(``: it must be one token that leaves the prompt's tokens alone
+    (SmolLM2 and Gemma 3 both read "(A)" as "(", "A", ")"), or the letter's
+    logit would not be what the model says next."""
+    from .scoring import split_at_seam
+
+    head, (tail,) = split_at_seam(model, prompt, [letter])
+    if len(head) != len(model._prompt_tokens(prompt)) or len(tail) != 1:
         raise LlamaSteerError(
-            f"the model does not tokenize {letter!r} after '(' as its own token; A/B scoring needs it to"
+            f"the model does not read {letter!r} after '(' as one token of its own; the letter score needs it to"
         )
-    return ids[0]
+    return tail[0]
 
 
 def choice_text(item: ABItem, letter: str) -> str:
-    """The text of choice ``letter`` in ``item``'s question: from its label
-    ``(X)`` to the next label or the end, stripped (the last ``(X)`` is the
-    label when the question also mentions it)."""
-    labels = list(_CHOICE.finditer(item.question))
-    mine = [k for k, m in enumerate(labels) if m.group(1) == letter]
-    if not mine:
-        raise DatasetError(f"the question does not list the choice ({letter}): {item.question[:60]!r}")
-    k = mine[-1]
-    end = labels[k + 1].start() if k + 1 < len(labels) else len(item.question)
-    text = item.question[labels[k].end() : end].strip()
+    """The text of choice ``letter`` in ``item``'s question: the rest of the
+    line its label ``(X)`` starts. Labels at the start of a line are the
+    choices (a ``(B)`` inside a sentence is a mention); only when the letter
+    has none, its last inline label counts, up to the next label."""
+    q = item.question
+    at_line_start = [m for m in _LINE_LABEL.finditer(q) if m.group(1) == letter]
+    if at_line_start:
+        m = at_line_start[-1]
+        text = q[m.end() :].split("\n", 1)[0].strip()
+    else:
+        labels = list(_LABEL.finditer(q))
+        mine = [k for k, lab in enumerate(labels) if lab.group(1) == letter]
+        if not mine:
+            raise DatasetError(f"the question does not list the choice ({letter}): {q[:60]!r}")
+        k = mine[-1]
+        end = labels[k + 1].start() if k + 1 < len(labels) else len(q)
+        text = q[labels[k].end() : end].split("\n", 1)[0].strip()
     if not text:
-        raise DatasetError(f"the choice ({letter}) has no text: {item.question[:60]!r}")
+        raise DatasetError(f"the choice ({letter}) has no text: {q[:60]!r}")
     return text
 
 
@@ -306,14 +317,9 @@ def _check_strengths(strengths: Sequence[float]) -> list[float]:
 def _chunks(lengths: Sequence[int], max_seqs: int, max_tokens: int) -> Iterator[range]:
     """Consecutive index ranges of at most ``max_seqs`` prompts whose tokens
     together stay below ``max_tokens`` (the sequences share the KV cache)."""
-    start, used = 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and (i - start >= max_seqs or used + n >= max_tokens):
-            yield range(start, i)
-            start, used = i, 0
-        used += n
-    if start < len(lengths):
-        yield range(start, len(lengths))
+    from .scoring import pack
+
+    return pack([(1, n) for n in lengths], (max_seqs, max_tokens - 1))
 
 
 def evaluate(
@@ -356,10 +362,9 @@ def evaluate(
     steers = [Steer(vec, s) for s in strength_list]
     check_fits(model._c, steers[:1], model.n_layer, model.n_embd)  # fail before decoding anything
     prompts = [ab_prompt(model, item.question, chat=chat) for item in data]
-    token_lists = [model.tokenize(p, add_special=True, parse_special=True) for p in prompts]
     score_items = _score_letters if score == "letter" else _score_answers
-    diff = score_items(model, data, prompts, token_lists, steers, progress)  # log-odds, [n_strengths, n_items]
-    p = 1.0 / (1.0 + np.exp(-diff))
+    diff = score_items(model, data, prompts, steers, progress)  # log-odds, [n_strengths, n_items]
+    p = 0.5 * (1.0 + np.tanh(diff / 2.0))  # the logistic, without overflow at large |diff|
     return EvalResult(strength_list, p, behaviour=data.name, layers=vec.layers, model=model.name, score=score)
 
 
@@ -367,16 +372,16 @@ def _score_letters(
     model: Model,
     data: ABDataset,
     prompts: Sequence[str],
-    token_lists: Sequence[Sequence[int]],
     steers: Sequence[Steer],
     progress: bool,
 ) -> npt.NDArray[np.float64]:
     """logit[match] - logit[other] per (strength, item)."""
+    token_lists = [model.tokenize(p, add_special=True, parse_special=True) for p in prompts]
     letter_ids: dict[str, int] = {}
     for item in data:
         for letter in (item.matching, item.not_matching):
             if letter not in letter_ids:
-                letter_ids[letter] = _letter_token(model, letter, token_lists[0], prompts[0])
+                letter_ids[letter] = _letter_token(model, letter, prompts[0])
     match_ids = np.array([letter_ids[item.matching] for item in data])
     other_ids = np.array([letter_ids[item.not_matching] for item in data])
 
@@ -403,21 +408,20 @@ def _score_answers(
     model: Model,
     data: ABDataset,
     prompts: Sequence[str],
-    token_lists: Sequence[Sequence[int]],
     steers: Sequence[Steer],
     progress: bool,
 ) -> npt.NDArray[np.float64]:
     """log p(matching reply) - log p(other reply) per (strength, item)."""
-    from .scoring import ScoreJob, continuation_tokens, score_jobs
+    from .scoring import ScoreJob, score_jobs, split_at_seam
 
-    replies = []
+    split = []
     for j, item in enumerate(data):
         try:
             texts = [answer_reply(item, item.matching), answer_reply(item, item.not_matching)]
         except DatasetError as exc:
             raise DatasetError(f"{data.name}: item {j}: {exc}") from None
-        replies.append([continuation_tokens(model, token_lists[j], prompts[j], t) for t in texts])
-    jobs = [ScoreJob(token_lists[j], replies[j], [s]) for s in steers for j in range(len(data))]
+        split.append(split_at_seam(model, prompts[j], texts))
+    jobs = [ScoreJob(head, tails, [s]) for s in steers for head, tails in split]
     bar = _progress_bar(sum(job.n_cells for job in jobs), progress)
     try:
         scored = score_jobs(model, jobs, on_group=bar.update)

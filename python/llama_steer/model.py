@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -303,6 +303,26 @@ class Model:
         finally:
             self._end_steering()
 
+    @overload
+    def score(
+        self,
+        prompt: str,
+        continuations: str | Sequence[str],
+        *,
+        steer: Steer | Sequence[Steer] | None = None,
+        per_token: Literal[False] = False,
+    ) -> npt.NDArray[np.float64]: ...
+
+    @overload
+    def score(
+        self,
+        prompt: str,
+        continuations: str | Sequence[str],
+        *,
+        steer: Steer | Sequence[Steer] | None = None,
+        per_token: Literal[True],
+    ) -> list[npt.NDArray[np.float64]]: ...
+
     def score(
         self,
         prompt: str,
@@ -310,26 +330,25 @@ class Model:
         *,
         steer: Steer | Sequence[Steer] | None = None,
         per_token: bool = False,
-    ) -> npt.NDArray[np.float64]:
+    ) -> npt.NDArray[np.float64] | list[npt.NDArray[np.float64]]:
         """Log-probability of each continuation right after ``prompt``.
 
         Returns float64 [n_continuations], the sum over each continuation's
-        tokens (``per_token=True``: a list of per-token arrays instead). The
-        prompt is decoded once and every continuation branches off it, so
-        scoring answers to one question costs the question once. ``steer``
-        applies to the prompt and the continuations alike. One str scores
-        one continuation.
+        tokens (``per_token=True``: a list of per-token float64 arrays). The
+        prompt is decoded once and every continuation branches off it in
+        the KV cache, so scoring the answers to one question costs the
+        question once; at most ``n_seq_max`` continuations a call. ``steer``
+        applies to the prompt and the continuations alike (constant
+        strengths only). One str scores one continuation. Tokenization at
+        the seam: see :func:`llama_steer.scoring.split_at_seam`.
         """
-        from .scoring import ScoreJob, continuation_tokens, score_jobs
+        from .scoring import ScoreJob, score_jobs, split_at_seam
 
-        if not isinstance(prompt, str):
-            raise TypeError("prompt must be a str")
         conts = [continuations] if isinstance(continuations, str) else list(continuations)
-        tokens = self._prompt_tokens(prompt)
-        job = ScoreJob(tokens, [continuation_tokens(self, tokens, prompt, c) for c in conts], as_steers(steer))
-        per = score_jobs(self, [job])[0]
+        head, tails = split_at_seam(self, prompt, conts)
+        per = score_jobs(self, [ScoreJob(head, tails, as_steers(steer))])[0]
         if per_token:
-            return per  # type: ignore[return-value]
+            return per
         return np.array([float(x.sum()) for x in per], dtype=np.float64)
 
     def _batch_args(

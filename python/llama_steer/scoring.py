@@ -39,37 +39,65 @@ class ScoreJob:
         return len(self.prompt) + sum(len(c) - 1 for c in self.continuations)
 
 
-def continuation_tokens(model: Model, prompt_tokens: Sequence[int], prompt: str, continuation: str) -> list[int]:
-    """Token ids of ``continuation`` as the model reads it after ``prompt``:
-    the tail of tokenizing both together when that keeps the prompt's tokens,
-    else the continuation tokenized alone (a tokenizer merged across the seam)."""
-    if not continuation:
-        raise ValueError("a continuation is empty")
-    both = model.tokenize(prompt + continuation, add_special=True, parse_special=True)
-    n = len(prompt_tokens)
-    if both[:n] == list(prompt_tokens) and len(both) > n:
-        return both[n:]
-    return model.tokenize(continuation, add_special=False, parse_special=False)
+def split_at_seam(model: Model, prompt: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of ``prompt`` and of each continuation as the model reads
+    them together: ``(prompt tokens, [continuation tokens, ...])``.
+
+    Each ``prompt + continuation`` is tokenized whole (chat markup parsed),
+    so a continuation reads exactly as in the full text. Where a tokenizer
+    merges across the seam (a prompt ending in a space before "Paris"), the
+    prompt keeps only the tokens every full text starts with, and each
+    continuation starts where they end: it then also holds the prompt's
+    last few characters, the same for every continuation.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError("prompt must be a str")
+    if not continuations:
+        raise ValueError("no continuations to score")
+    for c in continuations:
+        if not isinstance(c, str):
+            raise TypeError(f"continuations must be str, got {type(c).__name__}")
+        if not c:
+            raise ValueError("a continuation is empty")
+    head = model._prompt_tokens(prompt)
+    wholes = [model.tokenize(prompt + c, add_special=True, parse_special=True) for c in continuations]
+    keep = len(head)
+    for whole in wholes:
+        k = 0
+        while k < min(keep, len(whole)) and whole[k] == head[k]:
+            k += 1
+        keep = min(keep, k, len(whole) - 1)  # every continuation keeps at least one token
+    if keep < 1:
+        raise ValueError("the prompt and a continuation share no leading token; nothing to condition on")
+    return head[:keep], [whole[keep:] for whole in wholes]
+
+
+def pack(sizes: Sequence[Sequence[int]], limits: Sequence[int]) -> Iterator[range]:
+    """Consecutive index ranges whose summed ``sizes`` stay within
+    ``limits`` in every dimension; an item over a limit alone is its own
+    range (the caller reports it)."""
+    start = 0
+    used = [0] * len(limits)
+    for i, size in enumerate(sizes):
+        if i > start and any(u + x > lim for u, x, lim in zip(used, size, limits)):
+            yield range(start, i)
+            start, used = i, [0] * len(limits)
+        used = [u + x for u, x in zip(used, size)]
+    if start < len(sizes):
+        yield range(start, len(sizes))
 
 
 def _groups(jobs: Sequence[ScoreJob], n_seq: int, n_ctx: int) -> Iterator[range]:
     """Consecutive ranges of jobs that share one KV cache: at most ``n_seq``
     continuations and ``n_ctx`` cells."""
-    start = seqs = cells = 0
-    for i, job in enumerate(jobs):
+    for job in jobs:
         if len(job.continuations) > n_seq:
             raise ValueError(f"{len(job.continuations)} continuations of one prompt exceed n_seq_max {n_seq}")
         if job.n_cells > n_ctx:
             raise ContextOverflowError(
                 f"a prompt and its continuations hold {job.n_cells} tokens; the context holds {n_ctx}"
             )
-        if i > start and (seqs + len(job.continuations) > n_seq or cells + job.n_cells > n_ctx):
-            yield range(start, i)
-            start, seqs, cells = i, 0, 0
-        seqs += len(job.continuations)
-        cells += job.n_cells
-    if start < len(jobs):
-        yield range(start, len(jobs))
+    return pack([(len(job.continuations), job.n_cells) for job in jobs], (n_seq, n_ctx))
 
 
 def score_jobs(
@@ -82,6 +110,11 @@ def score_jobs(
     ``"generated"`` mean the continuation's tokens). Scheduled strengths are
     refused: a continuation is read in one pass, not generated step by step.
     ``on_group(n)`` is called after each batch with the tokens it decoded (progress).
+
+    A job's continuations share one KV cache, so they are at most
+    ``n_seq_max``; the distinct vectors of the jobs in one batch must fit the
+    context's steering slots (``n_steer_slots``; one vector at many
+    strengths takes one slot).
     """
     ctx = model._c
     for job in jobs:
@@ -145,11 +178,12 @@ def _score_group(model: Model, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArra
     lp = np.empty(len(targets), dtype=np.float64)
     try:
         ctx.clear()
-        for a, b in _spans(len(head.tokens)):
+        width = min(_MAX_ROWS, ctx.n_batch)  # outputs must sit in one decode chunk
+        for a, b in _spans(len(head.tokens), width):
             ctx.decode(head.build(a, b))
         by_row = np.argsort(rows, kind="stable")  # pairs in the order their rows are decoded
         sorted_rows = np.asarray(rows)[by_row]
-        for a, b in _spans(len(tail.tokens)):
+        for a, b in _spans(len(tail.tokens), width):
             ctx.decode(tail.build(a, b))
             # A row's logits last until the next decode: read them now.
             lo, hi = np.searchsorted(sorted_rows, [a, b])
@@ -204,6 +238,6 @@ class _Batch:
 _MAX_ROWS = 63
 
 
-def _spans(n: int) -> Iterator[tuple[int, int]]:
-    for a in range(0, n, _MAX_ROWS):
-        yield a, min(a + _MAX_ROWS, n)
+def _spans(n: int, width: int) -> Iterator[tuple[int, int]]:
+    for a in range(0, n, width):
+        yield a, min(a + width, n)

@@ -103,7 +103,7 @@ class Steer:
     @property
     def scheduled(self) -> bool:
         """Whether the strength is a list or a callable (changes per decode step)."""
-        return not isinstance(self.strength, (int, float))
+        return callable(self.strength) or isinstance(self.strength, tuple)
 
     def window(self, n_prompt: int) -> tuple[int, int]:
         """Positions [p0, p1) steered for a prompt of ``n_prompt`` tokens."""
