@@ -160,6 +160,8 @@ def test_evaluate_writes_curve(vector_file: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert png.stat().st_size > 10_000
+    # the default model does not read letters: the flat letter curve gets a hint
+    assert "letter score" in r.stdout and "--score answer" in r.stderr
 
 
 def test_evaluate_answer_score_on_a_dataset_file(vector_file: Path, tmp_path: Path) -> None:
@@ -171,6 +173,7 @@ def test_evaluate_answer_score_on_a_dataset_file(vector_file: Path, tmp_path: Pa
     r = run("evaluate", "--vector", str(vector_file), "--dataset", str(data), "--strengths=-4,4", "--score", "answer")
     assert r.returncode == 0, r.stderr
     assert "mood, steering layers 1-29" in r.stdout and "4 items, answer score" in r.stdout
+    assert "--score answer" not in r.stderr
     assert len([line for line in r.stdout.splitlines() if line.strip().startswith(("-4", "4"))]) == 2
     bad = run("evaluate", "--vector", str(vector_file), "--score", "logit")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -26,6 +26,7 @@ from .weights import MODELS, default_model_path
 
 DEMO_LAYERS = range(8, 22)  # middle layers of the 30-layer default model
 DEMO_STRENGTH = 6.0
+FLAT_LETTER_CURVE = 0.05  # a letter curve flatter than this gets a hint about --score answer
 
 
 class UsageError(argparse.ArgumentTypeError, ValueError):
@@ -413,6 +414,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             model, vec * base, data, args.strengths, layers=_clip(args.layers, vec), score=args.score, progress=True
         )
     print(result.as_table())
+    if args.score == "letter" and float(np.ptp(result.mean)) < FLAT_LETTER_CURVE:
+        print(
+            f"note: mean p(matching) moves by under {FLAT_LETTER_CURVE} across these strengths. Small models often do "
+            "not map choices to letters at all; --score answer compares the whole replies instead.",
+            file=sys.stderr,
+        )
     if args.plot:
         plot_curve(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
