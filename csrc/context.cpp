@@ -8,6 +8,7 @@
 #include "llama-steer.h"
 #include "runtime.h"
 #include "sampler.h"
+#include "steering.h"
 
 namespace llama_steer {
 
@@ -110,7 +111,7 @@ void Context::set_capture_layers(const std::vector<int32_t>& layers) {
     }
     const int32_t rc =
         llama_steer_capture_layers(get(), layers.empty() ? nullptr : layers.data(), static_cast<int32_t>(layers.size()));
-    if (rc < 0) throw SteeringError(std::string("capture: ") + llama_steer_strerror(rc));
+    check_steer(rc, "capture");
     capture_layers_ = layers;
 }
 
@@ -191,6 +192,7 @@ void Context::decode_chunks(const BatchTokens& b, std::vector<float>* captured) 
         rows.resize(static_cast<size_t>(n_out) * static_cast<size_t>(n_embd));
         for (size_t l = 0; l < n_cap; ++l) {
             const int32_t got = llama_steer_capture_get(ctx_.get(), capture_layers_[l], rows.data(), n_out);
+            check_steer(got, "capture");
             if (got != n_out) throw SteeringError("capture returned " + std::to_string(got) + " rows, expected " +
                                                   std::to_string(n_out));
             for (int32_t r = 0; r < n_out; ++r) {

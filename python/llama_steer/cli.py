@@ -88,21 +88,29 @@ def _load(args: argparse.Namespace) -> Model:
     return Model(path, n_ctx=args.n_ctx, n_threads=args.threads)
 
 
+def _load_vector(spec: str) -> tuple[ControlVector, float]:
+    """The vector and strength of a ``FILE[:STRENGTH]`` argument."""
+    path, strength = parse_vector_spec(spec)
+    return ControlVector.load(path), strength
+
+
+def _user_prompt(model: Model, text: str, chat: bool) -> str:
+    """``text`` as the user's turn of the chat template (``chat``), or as is."""
+    return model.apply_chat_template([{"role": "user", "content": text}]) if chat else text
+
+
 def _steers(args: argparse.Namespace, model: Model) -> list[Steer]:
     layers = args.layers
     if getattr(args, "layer_range", None):
         a, b = args.layer_range
         layers = range(a, b + 1)
-    positions = args.positions
     steers = []
     for spec in args.vector or []:
-        path, strength = parse_vector_spec(spec)
-        vec = ControlVector.load(path)
-        steers.append(Steer(vec, strength * args.scale, layers=_clip(layers, vec), positions=positions))
-    for spec in args.ablate or []:
-        path, strength = parse_vector_spec(spec)
-        vec = ControlVector.load(path)
-        steers.append(Steer(vec, strength, layers=_clip(layers, vec), positions=positions, mode="ablate"))
+        vec, strength = _load_vector(spec)
+        steers.append(Steer(vec, strength * args.scale, layers=_clip(layers, vec), positions=args.positions))
+    for spec in args.ablate or []:  # an ablation strength is the fraction removed: --scale leaves it alone
+        vec, strength = _load_vector(spec)
+        steers.append(Steer(vec, strength, layers=_clip(layers, vec), positions=args.positions, mode="ablate"))
     return steers
 
 
@@ -181,9 +189,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     with _load(args) as model:
         steers = _steers(args, model)
-        prompt = args.prompt
-        if args.chat:
-            prompt = model.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = _user_prompt(model, args.prompt, args.chat)
         for token in model.generate(prompt, steer=steers, **_sampling(args)):
             sys.stdout.write(token.text)
             sys.stdout.flush()
@@ -248,9 +254,9 @@ def _chat_command(line: str, steers: list[Steer], messages: list[dict[str, str]]
             steers[:] = [Steer(x.control_vector, s, positions=x.positions, mode=x.mode) for x in steers]
             print(f"strength {s} for {len(steers)} vector(s)", file=sys.stderr)
         elif cmd == "/vector":
-            path, s = parse_vector_spec(rest)
-            steers.append(Steer(ControlVector.load(path), s, positions=args.positions))
-            print(f"added {path} at {s}", file=sys.stderr)
+            vec, s = _load_vector(rest)
+            steers.append(Steer(vec, s, positions=args.positions))
+            print(f"added {rest} at strength {s:g}", file=sys.stderr)
         elif cmd == "/clear":
             steers.clear()
             print("steering off", file=sys.stderr)
@@ -312,12 +318,9 @@ def separation_table(vec: ControlVector) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     strengths = args.strengths
     with _load(args) as model:
-        path, base = parse_vector_spec(args.vector)
-        vec = ControlVector.load(path)
+        vec, base = _load_vector(args.vector)
         layers = _clip(args.layers, vec)
-        prompt = args.prompt
-        if args.chat:
-            prompt = model.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = _user_prompt(model, args.prompt, args.chat)
         steers = [Steer(vec, base * s, layers=layers, positions=args.positions) for s in strengths]
         texts = [""] * len(strengths)
         for i, token in model.generate_batch([prompt] * len(strengths), steers, **_sampling(args)):
@@ -407,8 +410,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, load_ab_dataset, plot_curve
 
     with _load(args) as model:
-        path, base = parse_vector_spec(args.vector)
-        vec = ControlVector.load(path)
+        vec, base = _load_vector(args.vector)
         data = load_ab_dataset(args.dataset)
         result = evaluate(
             model, vec * base, data, args.strengths, layers=_clip(args.layers, vec), score=args.score, progress=True
@@ -437,7 +439,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         vec = extract(model, pairs, method="pca_diff", progress=True)
         print(f"extracted a happy/sad vector from {len(pairs)} pairs in {time.perf_counter() - t1:.1f} s")
         question = args.prompt
-        prompt = model.apply_chat_template([{"role": "user", "content": question}])
+        prompt = _user_prompt(model, question, True)
         s = args.strength
         layers = list(DEMO_LAYERS) if model.n_layer == 30 else None
         columns = [("unsteered", 0.0), (f"happy +{s:g}", s), (f"sad -{s:g}", -s)]

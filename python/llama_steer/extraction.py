@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
 from .errors import DatasetError, LlamaSteerError
-from .steer import Steer, apply_steering, as_steers, check_fits
+from .steer import Steer, as_steers, check_fits
+from .tokens import TokenBatch, common_prefix_len
 from .vectors import ControlVector, check_layer
 
 if TYPE_CHECKING:
@@ -301,14 +301,13 @@ def _capture_rows(
 
     groups = _group_leaves(trie, n_seq, model.n_ctx)
     results: dict[int, npt.NDArray[np.float32]] = {}
-    model._begin_call()
-    bar = _progress_bar(sum(len(g[1]) for g in groups), progress)
-    ctx.set_capture_layers(layers)
     # Every sequence gets the same steering (so a token shared by several
     # sequences is steered the same way), bound once for all groups.
     per_seq = {s: list(steers) for s in range(n_seq)} if steers else {}
-    session = apply_steering(ctx, model.n_layer, model.n_embd, per_seq, dict.fromkeys(per_seq, 0))
+    model._bind_steering(per_seq, dict.fromkeys(per_seq, 0))
+    bar = _progress_bar(sum(len(g[1]) for g in groups), progress)
     try:
+        ctx.set_capture_layers(layers)
         for leaves, nodes in groups:
             seq_of_leaf = {leaf: s for s, leaf in enumerate(leaves)}
             # seq ids of every node: the leaves below it (within this group)
@@ -316,25 +315,21 @@ def _capture_rows(
             for leaf in leaves:
                 for n in trie.path(leaf):
                     seqs[n].append(seq_of_leaf[leaf])
-            toks, pos, seq, offsets, out = [], [], [], [0], []
+            batch = TokenBatch()
             out_nodes = []
             for n in nodes:  # DFS preorder: each sequence sees consecutive positions
-                toks.append(trie.token[n])
-                pos.append(trie.depth[n])
-                seq.extend(seqs[n])
-                offsets.append(len(seq))
                 is_out = n in wanted and n not in results  # a re-decoded prefix is read once
-                out.append(1 if is_out else 0)
+                batch.add(trie.token[n], trie.depth[n], seqs[n], is_out)
                 if is_out:
                     out_nodes.append(n)
             ctx.clear()
             if out_nodes:
-                captured = ctx.decode_capture(_core.BatchTokens(toks, pos, seq, out, offsets))
+                captured = ctx.decode_capture(batch.build())
                 for n, row in zip(out_nodes, captured):
                     results[n] = row
             bar.update(len(nodes))
     finally:
-        session.close()
+        model._end_steering()
         bar.close()
         ctx.set_capture_layers([])
         ctx.clear()
@@ -504,9 +499,7 @@ def extract(
         if tp == tn:
             raise DatasetError(f"pair {i}: both sides tokenize identically")
         if read == "mean":
-            c = 0
-            while c < min(len(tp), len(tn)) and tp[c] == tn[c]:
-                c += 1
+            c = common_prefix_len(tp, tn)
             rp = list(range(min(c, len(tp) - 1), len(tp)))
             rn = list(range(min(c, len(tn) - 1), len(tn)))
         else:

@@ -222,6 +222,20 @@ class Model:
         self._end_steering()
         self._generation += 1
 
+    def _check_current(self, generation: int) -> None:
+        """Raise if a newer call took the context since call ``generation`` began
+        (a suspended generator resumed after it)."""
+        if generation != self._generation:
+            raise LlamaSteerError("this generation was ended by a newer call on the same model")
+
+    def _bind_steering(self, per_seq: Mapping[int, Sequence[Steer]], n_prompt: Mapping[int, int]) -> SteeringSession:
+        """Begin a call (:meth:`_begin_call`) with sequence s steered by
+        ``per_seq[s]``; the session is the model's until the call ends
+        (:meth:`_end_steering`) or the next call begins."""
+        self._begin_call()
+        self._steering = apply_steering(self._c, self.n_layer, self.n_embd, per_seq, n_prompt)
+        return self._steering
+
     def _start(
         self, token_lists: Sequence[Sequence[int]], steers: Sequence[list[Steer]]
     ) -> tuple[int, SteeringSession, list[int]]:
@@ -239,11 +253,8 @@ class Model:
         total = sum(len(t) for t in token_lists)
         if total >= ctx.n_ctx:
             raise ContextOverflowError(f"the prompts hold {total} tokens; the context holds {ctx.n_ctx}")
-        self._begin_call()
         per_seq = {i: s for i, s in enumerate(steers) if s}
-        n_prompt = {i: len(t) for i, t in enumerate(token_lists)}
-        session = apply_steering(ctx, self.n_layer, self.n_embd, per_seq, n_prompt)
-        self._steering = session
+        session = self._bind_steering(per_seq, {i: len(t) for i, t in enumerate(token_lists)})
         try:
             ctx.clear()
             for i, t in enumerate(token_lists):
@@ -444,8 +455,7 @@ class Model:
             while active:
                 step: list[_Sequence] = []
                 for sq in active:
-                    if generation != self._generation:
-                        raise LlamaSteerError("this generation was ended by a newer call on the same model")
+                    self._check_current(generation)
                     token_id, logprob = sq.sampler.sample(ctx, rows[sq.index])
                     if model.is_eog(token_id):
                         yield from sq.finish()
@@ -469,8 +479,7 @@ class Model:
                 active = step
                 if not active:
                     break
-                if generation != self._generation:
-                    raise LlamaSteerError("this generation was ended by a newer call on the same model")
+                self._check_current(generation)
                 session.update(active[0].n_generated)  # sequences advance in lockstep
                 ctx.decode_step(
                     [sq.held[0] for sq in active],  # type: ignore[index]

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
 from .errors import ContextOverflowError
-from .steer import Steer, apply_steering, check_fits
+from .steer import Steer, check_fits
+from .tokens import TokenBatch, common_prefix_len
 
 if TYPE_CHECKING:
     from .model import Model
@@ -63,10 +63,7 @@ def split_at_seam(model: Model, prompt: str, continuations: Sequence[str]) -> tu
     wholes = [model.tokenize(prompt + c, add_special=True, parse_special=True) for c in continuations]
     keep = len(head)
     for whole in wholes:
-        k = 0
-        while k < min(keep, len(whole)) and whole[k] == head[k]:
-            k += 1
-        keep = min(keep, k, len(whole) - 1)  # every continuation keeps at least one token
+        keep = min(keep, common_prefix_len(whole, head), len(whole) - 1)  # every continuation keeps a token
     if keep < 1:
         raise ValueError("the prompt and a continuation share no leading token; nothing to condition on")
     return head[:keep], [whole[keep:] for whole in wholes]
@@ -139,12 +136,13 @@ def score_jobs(
 
 def _score_group(model: Model, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArray[np.float64]]]:
     ctx = model._c
-    seqs_of: list[list[int]] = []
+    seqs_of: list[range] = []
     per_seq: dict[int, list[Steer]] = {}
     n_prompt: dict[int, int] = {}
+    n_seqs = 0
     for job in jobs:
-        first = sum(len(s) for s in seqs_of)
-        seqs = list(range(first, first + len(job.continuations)))
+        seqs = range(n_seqs, n_seqs + len(job.continuations))
+        n_seqs += len(job.continuations)
         seqs_of.append(seqs)
         for s in seqs:
             n_prompt[s] = len(job.prompt)
@@ -152,13 +150,13 @@ def _score_group(model: Model, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArra
                 per_seq[s] = list(job.steers)
 
     # Head: every prompt but its last token, shared by its sequences.
-    head = _Batch()
+    head = TokenBatch()
     for job, seqs in zip(jobs, seqs_of):
         for p, t in enumerate(job.prompt[:-1]):
             head.add(t, p, seqs, False)
     # Tail: each prompt's last token (shared) and the continuations, every
     # row but a continuation's last giving the logits of the next token.
-    tail = _Batch()
+    tail = TokenBatch()
     rows: list[int] = []
     targets: list[int] = []
     for job, seqs in zip(jobs, seqs_of):
@@ -172,18 +170,16 @@ def _score_group(model: Model, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArra
                 if k + 1 < len(cont):
                     prev = tail.add(t, n + k, [seq], True)
 
-    model._begin_call()
-    session = apply_steering(ctx, model.n_layer, model.n_embd, per_seq, n_prompt)
-    model._steering = session
+    model._bind_steering(per_seq, n_prompt)
     lp = np.empty(len(targets), dtype=np.float64)
     try:
         ctx.clear()
         width = min(_MAX_ROWS, ctx.n_batch)  # outputs must sit in one decode chunk
-        for a, b in _spans(len(head.tokens), width):
+        for a, b in _spans(len(head), width):
             ctx.decode(head.build(a, b))
         by_row = np.argsort(rows, kind="stable")  # pairs in the order their rows are decoded
         sorted_rows = np.asarray(rows)[by_row]
-        for a, b in _spans(len(tail.tokens), width):
+        for a, b in _spans(len(tail), width):
             ctx.decode(tail.build(a, b))
             # A row's logits last until the next decode: read them now.
             lo, hi = np.searchsorted(sorted_rows, [a, b])
@@ -202,32 +198,6 @@ def _score_group(model: Model, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArra
             k += len(cont)
         out.append(per_cont)
     return out
-
-
-class _Batch:
-    """Tokens of one decode, each tagged with one or more sequences."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.pos: list[int] = []
-        self.seq: list[int] = []
-        self.offsets: list[int] = [0]
-        self.output: list[int] = []
-
-    def add(self, token: int, pos: int, seqs: Sequence[int], output: bool) -> int:
-        """Append a token; returns its batch row."""
-        self.tokens.append(int(token))
-        self.pos.append(pos)
-        self.seq.extend(seqs)
-        self.offsets.append(len(self.seq))
-        self.output.append(1 if output else 0)
-        return len(self.tokens) - 1
-
-    def build(self, a: int, b: int) -> _core.BatchTokens:
-        """The tokens [a, b) as one batch."""
-        lo, hi = self.offsets[a], self.offsets[b]
-        offsets = [o - lo for o in self.offsets[a : b + 1]]
-        return _core.BatchTokens(self.tokens[a:b], self.pos[a:b], self.seq[lo:hi], self.output[a:b], offsets)
 
 
 # ggml's CPU flash attention switches from a per-row kernel (f16 queries) to
