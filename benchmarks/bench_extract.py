@@ -69,7 +69,7 @@ def main() -> None:
     for n_personas in (1, 5):
         with ls.Model(ls.default_model_path(), n_ctx=4096, n_threads=args.threads) as m:
             pairs = ls.persona_pairs(m, "happy", n_personas=n_personas, max_pairs=args.pairs)
-            prompts = [m._prompt_tokens(s) for p in pairs for s in (p.positive, p.negative)]
+            prompts = [m.engine.prompt_tokens(s) for p in pairs for s in (p.positive, p.negative)]
             trie = _Trie()
             for t in prompts:
                 trie.insert(t)

@@ -69,6 +69,7 @@ void register_context(py::module_& m) {
         .def(
             "embeddings",
             [](Context& self, int32_t i) {
+                Context::Use use(self);
                 const float* data = llama_get_embeddings_ith(self.get(), i);
                 if (data == nullptr) throw InvalidArgument("no embeddings for batch row " + std::to_string(i));
                 return py::array_t<float>(self.model().n_embd(), data);

@@ -27,6 +27,8 @@ void register_errors(py::module_&) {
             raise("DecodeError", e);
         } catch (const ClosedError& e) {
             raise("ClosedError", e);
+        } catch (const ConcurrentUseError& e) {
+            raise("ConcurrentUseError", e);
         } catch (const SteeringError& e) {
             raise("SteeringError", e);
         } catch (const Error& e) {

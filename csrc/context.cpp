@@ -52,7 +52,27 @@ Context::Context(std::shared_ptr<Model> model, const ContextParams& params) : mo
     batch_guard_ = {&batch_, free_batch};
 }
 
+Context::Use::Use(Context& ctx) : ctx_(ctx) {
+    const std::thread::id me = std::this_thread::get_id();
+    std::thread::id none{};
+    if (ctx_.owner_.load() == me) {
+        ++ctx_.depth_;
+        return;
+    }
+    if (!ctx_.owner_.compare_exchange_strong(none, me)) {
+        throw ConcurrentUseError(
+            "another thread is using this model's context; one call at a time (llama_steer.Model serializes its "
+            "calls, code on the core must too)");
+    }
+    ctx_.depth_ = 1;
+}
+
+Context::Use::~Use() {
+    if (--ctx_.depth_ == 0) ctx_.owner_.store(std::thread::id{});
+}
+
 void Context::close() {
+    Use use(*this);
     ctx_.reset();
     batch_guard_.reset();
     batch_ = llama_batch{};
@@ -70,9 +90,13 @@ void Context::check_seq(llama_seq_id seq) const {
     }
 }
 
-void Context::clear() { llama_memory_clear(llama_get_memory(get()), true); }
+void Context::clear() {
+    Use use(*this);
+    llama_memory_clear(llama_get_memory(get()), true);
+}
 
 void Context::seq_rm(llama_seq_id seq, llama_pos p0, llama_pos p1) {
+    Use use(*this);
     if (seq != -1) check_seq(seq);
     if (!llama_memory_seq_rm(llama_get_memory(get()), seq, p0, p1)) {
         throw Error("could not remove positions from sequence " + std::to_string(seq));
@@ -80,6 +104,7 @@ void Context::seq_rm(llama_seq_id seq, llama_pos p0, llama_pos p1) {
 }
 
 void Context::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos p1) {
+    Use use(*this);
     check_seq(src);
     check_seq(dst);
     llama_memory_seq_cp(llama_get_memory(get()), src, dst, p0, p1);
@@ -103,6 +128,7 @@ std::vector<float> Context::decode_capture(const BatchTokens& b) {
 }
 
 void Context::set_capture_layers(const std::vector<int32_t>& layers) {
+    Use use(*this);
     for (int32_t il : layers) {
         if (il < 0 || il >= model_->n_layer()) {
             throw InvalidArgument("capture layer " + std::to_string(il) + " is out of range [0, " +
@@ -116,6 +142,7 @@ void Context::set_capture_layers(const std::vector<int32_t>& layers) {
 }
 
 void Context::decode_chunks(const BatchTokens& b, std::vector<float>* captured) {
+    Use use(*this);
     get();
     const size_t n = b.tokens.size();
     if (n == 0) throw InvalidArgument("cannot decode an empty batch");
@@ -210,18 +237,21 @@ void Context::decode_step(const std::vector<llama_token>& tokens, const std::vec
 }
 
 void Context::set_upstream_cvec(const std::vector<float>& data, int32_t il_start, int32_t il_end) {
+    Use use(*this);
     const int32_t rc = llama_set_adapter_cvec(get(), data.empty() ? nullptr : data.data(), data.size(),
                                               model_->n_embd(), il_start, il_end);
     if (rc != 0) throw InvalidArgument("llama_set_adapter_cvec rejected the vector");
 }
 
 const float* Context::logits(int32_t i) {
+    Use use(*this);
     const float* out = llama_get_logits_ith(get(), i);
     if (out == nullptr) throw InvalidArgument("no logits for batch row " + std::to_string(i));
     return out;
 }
 
 std::vector<float> Context::token_logprobs(const std::vector<int32_t>& rows, const std::vector<llama_token>& tokens) {
+    Use use(*this);
     if (rows.size() != tokens.size()) throw InvalidArgument("rows and tokens must have the same length");
     const int32_t n_vocab = model_->n_vocab();
     std::vector<float> out(rows.size());

@@ -2,8 +2,10 @@
 // sampling. One Context serves many sequences (seq ids 0..n_seq_max-1).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "llama-cpp.h"
@@ -34,6 +36,21 @@ struct BatchTokens {
 
 class Context {
 public:
+    // Held by every operation on the llama.cpp context: a second thread
+    // entering while one is inside gets ConcurrentUseError instead of a
+    // crash inside llama.cpp. Re-entrant within one thread. (Model
+    // serializes its calls with a lock; this catches code that bypasses it.)
+    class Use {
+    public:
+        explicit Use(Context& ctx);
+        ~Use();
+        Use(const Use&) = delete;
+        Use& operator=(const Use&) = delete;
+
+    private:
+        Context& ctx_;
+    };
+
     Context(std::shared_ptr<Model> model, const ContextParams& params);
     ~Context() = default;
     Context(const Context&) = delete;
@@ -84,6 +101,8 @@ private:
     void run(int32_t n);
     void decode_chunks(const BatchTokens& batch, std::vector<float>* captured);
 
+    std::atomic<std::thread::id> owner_{};
+    int32_t depth_ = 0;  // nested Uses of the owning thread
     std::shared_ptr<Model> model_;
     ContextParams params_;
     llama_context_ptr ctx_;

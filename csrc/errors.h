@@ -28,6 +28,10 @@ struct DecodeError : Error {
 struct ClosedError : Error {
     using Error::Error;
 };
+// A second thread entered a context another thread is using.
+struct ConcurrentUseError : Error {
+    using Error::Error;
+};
 // Steering was refused: a bad slot, a model whose graph has no hook, ...
 struct SteeringError : Error {
     using Error::Error;

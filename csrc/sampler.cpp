@@ -33,6 +33,7 @@ Sampler::Sampler(const SamplerParams& p, int32_t n_vocab) {
 }
 
 Sample Sampler::sample(Context& ctx, int32_t idx) {
+    Context::Use use(ctx);
     llama_context* lctx = ctx.get();
     const float* logits = ctx.logits(idx);  // validates idx
     const llama_token token = llama_sampler_sample(chain_.get(), lctx, idx);

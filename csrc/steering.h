@@ -12,7 +12,8 @@ namespace llama_steer {
 
 class Steering {
 public:
-    explicit Steering(Context& ctx) : ctx_(ctx) {}
+    // Holds the context (Context::Use) for the object's lifetime.
+    explicit Steering(Context& ctx) : ctx_(ctx), use_(ctx) {}
 
     void init(int32_t n_slots, int32_t n_dirs);
     int32_t n_slots() const;
@@ -29,6 +30,7 @@ public:
 
 private:
     Context& ctx_;
+    Context::Use use_;
 };
 
 // Throws the exception that matches a negative llama_steer status code.

@@ -140,7 +140,7 @@ def test_bad_arguments(model: ls.Model) -> None:
     head, tails = split_at_seam(model, prompt, ["Blue"])
     with pytest.raises(ValueError, match="token"):
         score_jobs(model, [ScoreJob(head, [[*tails[0], model.n_vocab + 5, 1]], [ls.Steer(vec, 4.0)])])
-    assert model._steering is None
+    assert model.engine.session is None
     np.testing.assert_array_equal(model.score(prompt, ["Blue", "Red"]), before)
     # numpy scalars are constant strengths
     np.testing.assert_allclose(

@@ -135,7 +135,7 @@ def _batch_last_logits(model: ls.Model, prompts: list[str], steers: dict[int, li
         seq += [s] * len(ids)
         out += [0] * (len(ids) - 1) + [1]
         rows.append(len(toks) - 1)
-    model._end_steering()
+    model.engine.end()
     ctx.clear()
     session = apply_steering(ctx, model.n_layer, model.n_embd, steers, {s: n_prompt.get(s, 0) for s in steers})
     try:
@@ -187,7 +187,7 @@ def test_strength_changes_cause_no_reserve(model: ls.Model) -> None:
     v = random_vector(model, all_layers(model))
     schedule = [math.sin(i / 5.0) for i in range(101)]
     ctx = model._c
-    model._end_steering()
+    model.engine.end()
     ctx.clear()
     ids = model.tokenize(PROMPT)
     session = apply_steering(ctx, model.n_layer, model.n_embd, {0: [ls.Steer(v, strength=schedule)]}, {0: len(ids)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .errors import (
     ClosedError,
+    ConcurrentUseError,
     ContextOverflowError,
     DatasetError,
     DecodeError,
@@ -16,6 +17,7 @@ from .errors import (
     LlamaSteerError,
     ModelLoadError,
     SteeringError,
+    SupersededError,
     VectorFileError,
 )
 from .evaluation import ABDataset, EvalResult, evaluate, load_ab_dataset, plot_curve, word_odds_curve
@@ -36,6 +38,7 @@ __all__ = [
     "plot_curve",
     "word_odds_curve",
     "ClosedError",
+    "ConcurrentUseError",
     "ContextOverflowError",
     "ControlVector",
     "DatasetError",
@@ -53,6 +56,7 @@ __all__ = [
     "SamplingParams",
     "Steer",
     "SteeringError",
+    "SupersededError",
     "Token",
     "VectorFileError",
     "default_model_path",

@@ -29,6 +29,17 @@ class ClosedError(LlamaSteerError):
     """The model (or another resource) was used after ``close()``."""
 
 
+class SupersededError(LlamaSteerError):
+    """A suspended generator was resumed after a newer call on the same
+    model took the context (one model runs one call at a time)."""
+
+
+class ConcurrentUseError(LlamaSteerError):
+    """Two threads entered one llama.cpp context at once through the compiled
+    core directly (``Model`` serializes its calls with a lock; this guards
+    code that bypasses it)."""
+
+
 class SteeringError(LlamaSteerError):
     """Steering was refused (a model without the hook, no free slot, ...)."""
 
@@ -51,6 +62,8 @@ __all__ = [
     "ContextOverflowError",
     "DecodeError",
     "ClosedError",
+    "SupersededError",
+    "ConcurrentUseError",
     "SteeringError",
     "VectorFileError",
     "DatasetError",

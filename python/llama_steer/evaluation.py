@@ -43,7 +43,7 @@ import numpy.typing as npt
 
 from .errors import DatasetError, LlamaSteerError
 from .extraction import _progress_bar
-from .steer import Steer, check_fits
+from .steer import Steer
 from .vectors import ControlVector
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ def _letter_token(model: Model, letter: str, prompt: str) -> int:
     from .scoring import split_at_seam
 
     head, (tail,) = split_at_seam(model, prompt, [letter])
-    if len(head) != len(model._prompt_tokens(prompt)) or len(tail) != 1:
+    if len(head) != len(model.engine.prompt_tokens(prompt)) or len(tail) != 1:
         raise LlamaSteerError(
             f"the model does not read {letter!r} after '(' as one token of its own; the letter score needs it to"
         )
@@ -360,7 +360,7 @@ def evaluate(
     # One resolved vector shared by every Steer: the sweep takes one slot of
     # the steering buffer however many strengths it has.
     steers = [Steer(vec, s) for s in strength_list]
-    check_fits(model._c, steers[:1], model.n_layer, model.n_embd)  # fail before decoding anything
+    model.engine.check_steers(steers[:1])  # fail before decoding anything
     prompts = [ab_prompt(model, item.question, chat=chat) for item in data]
     score_items = _score_letters if score == "letter" else _score_answers
     diff = score_items(model, data, prompts, steers, progress)  # log-odds, [n_strengths, n_items]
@@ -391,7 +391,7 @@ def _score_letters(
     diff = np.empty((len(steers), len(data)), dtype=np.float64)
     bar = _progress_bar(sum(lengths), progress)
     try:
-        for chunk in _chunks(lengths, model._c.n_seq_max, model.n_ctx):
+        for chunk in _chunks(lengths, model.engine.ctx.n_seq_max, model.n_ctx):
             batch = [jobs[k] for k in chunk]
             logits = model.logits_batch([token_lists[j] for _, j in batch], [steers[si] for si, _ in batch])
             rows = np.arange(len(batch))

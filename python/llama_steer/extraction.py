@@ -28,11 +28,12 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import DatasetError, LlamaSteerError
-from .steer import Steer, as_steers, check_fits
+from .steer import Steer, as_steers
 from .tokens import TokenBatch, common_prefix_len
 from .vectors import ControlVector, check_layer
 
 if TYPE_CHECKING:
+    from .engine import Engine
     from .model import Model
 
 Read = Literal["last", "mean"] | Callable[[Sequence[int]], Sequence[int]]
@@ -244,8 +245,9 @@ def capture(
     for s in steers:
         if s.positions in ("prompt", "generated"):
             raise ValueError("capture takes steering on positions 'all' or an explicit (p0, p1) window")
-    check_fits(model._c, steers, model.n_layer, model.n_embd)
-    token_lists = [model._prompt_tokens(p) for p in prompts]
+    eng = model.engine
+    eng.check_steers(steers)
+    token_lists = [eng.prompt_tokens(p) for p in prompts]
     if not token_lists:
         raise ValueError("no prompts to capture")
     positions = [_read_positions(read, t) for t in token_lists]
@@ -253,7 +255,7 @@ def capture(
     for il in layer_list:
         if not 0 <= il < model.n_layer:
             raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
-    rows = _capture_rows(model, token_lists, positions, layer_list, batch_size, share_prefixes, progress, steers)
+    rows = _capture_rows(eng, token_lists, positions, layer_list, batch_size, share_prefixes, progress, steers)
     return _average_reads(rows)
 
 
@@ -277,7 +279,7 @@ def _read_positions(read: Read, tokens: Sequence[int]) -> list[int]:
 
 
 def _capture_rows(
-    model: Model,
+    eng: Engine,
     token_lists: Sequence[Sequence[int]],
     positions: Sequence[Sequence[int]],
     layers: list[int],
@@ -287,7 +289,7 @@ def _capture_rows(
     steers: Sequence[Steer] = (),
 ) -> list[npt.NDArray[np.float32]]:
     """Per prompt, the captured rows [n_positions, n_layers, n_embd]."""
-    ctx = model._c
+    ctx = eng.ctx
     n_seq = ctx.n_seq_max if batch_size is None else min(int(batch_size), ctx.n_seq_max)
     if n_seq < 1:
         raise ValueError("batch_size must be >= 1")
@@ -299,40 +301,39 @@ def _capture_rows(
         reads.append([path[p] for p in pos])
     wanted = {n for r in reads for n in r}
 
-    groups = _group_leaves(trie, n_seq, model.n_ctx)
+    groups = _group_leaves(trie, n_seq, eng.n_ctx)
     results: dict[int, npt.NDArray[np.float32]] = {}
     # Every sequence gets the same steering (so a token shared by several
     # sequences is steered the same way), bound once for all groups.
     per_seq = {s: list(steers) for s in range(n_seq)} if steers else {}
-    model._bind_steering(per_seq, dict.fromkeys(per_seq, 0))
     bar = _progress_bar(sum(len(g[1]) for g in groups), progress)
-    try:
-        ctx.set_capture_layers(layers)
-        for leaves, nodes in groups:
-            seq_of_leaf = {leaf: s for s, leaf in enumerate(leaves)}
-            # seq ids of every node: the leaves below it (within this group)
-            seqs: dict[int, list[int]] = {n: [] for n in nodes}
-            for leaf in leaves:
-                for n in trie.path(leaf):
-                    seqs[n].append(seq_of_leaf[leaf])
-            batch = TokenBatch()
-            out_nodes = []
-            for n in nodes:  # DFS preorder: each sequence sees consecutive positions
-                is_out = n in wanted and n not in results  # a re-decoded prefix is read once
-                batch.add(trie.token[n], trie.depth[n], seqs[n], is_out)
-                if is_out:
-                    out_nodes.append(n)
-            ctx.clear()
-            if out_nodes:
-                captured = ctx.decode_capture(batch.build())
-                for n, row in zip(out_nodes, captured):
-                    results[n] = row
-            bar.update(len(nodes))
-    finally:
-        model._end_steering()
-        bar.close()
-        ctx.set_capture_layers([])
-        ctx.clear()
+    with eng.call(per_seq, dict.fromkeys(per_seq, 0)):
+        try:
+            ctx.set_capture_layers(layers)
+            for leaves, nodes in groups:
+                seq_of_leaf = {leaf: s for s, leaf in enumerate(leaves)}
+                # seq ids of every node: the leaves below it (within this group)
+                seqs: dict[int, list[int]] = {n: [] for n in nodes}
+                for leaf in leaves:
+                    for n in trie.path(leaf):
+                        seqs[n].append(seq_of_leaf[leaf])
+                batch = TokenBatch()
+                out_nodes = []
+                for n in nodes:  # DFS preorder: each sequence sees consecutive positions
+                    is_out = n in wanted and n not in results  # a re-decoded prefix is read once
+                    batch.add(trie.token[n], trie.depth[n], seqs[n], is_out)
+                    if is_out:
+                        out_nodes.append(n)
+                ctx.clear()
+                if out_nodes:
+                    captured = ctx.decode_capture(batch.build())
+                    for n, row in zip(out_nodes, captured):
+                        results[n] = row
+                bar.update(len(nodes))
+        finally:
+            bar.close()
+            if not eng.closed:
+                ctx.set_capture_layers([])
     return [np.stack([results[n] for n in r]) for r in reads]
 
 
@@ -493,7 +494,7 @@ def extract(
     reads: list[list[int]] = []
     for i, p in enumerate(plist):
         try:
-            tp, tn = model._prompt_tokens(p.positive), model._prompt_tokens(p.negative)
+            tp, tn = model.engine.prompt_tokens(p.positive), model.engine.prompt_tokens(p.negative)
         except (ValueError, LlamaSteerError) as exc:
             raise type(exc)(f"pair {i}: {exc}") from exc
         if tp == tn:
@@ -506,7 +507,7 @@ def extract(
             rp, rn = _read_positions(read, tp), _read_positions(read, tn)
         prompts += [tp, tn]
         reads += [rp, rn]
-    rows = _capture_rows(model, prompts, reads, layer_list, batch_size, share_prefixes, progress)
+    rows = _capture_rows(model.engine, prompts, reads, layer_list, batch_size, share_prefixes, progress)
     acts = _average_reads(rows)  # float32 [2n, n_layers, n_embd]
     del rows
     if not np.all(np.isfinite(acts)):

@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import codecs
-import contextlib
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from . import _core
-from .errors import ClosedError, ContextOverflowError, LlamaSteerError, SteeringError
+from .engine import Engine, Prompt
+from .extraction import Read, capture
 from .sampling import SamplingParams
-from .steer import Steer, SteeringSession, apply_steering, as_steers, check_fits
+from .scoring import ScoreJob, score_jobs, split_at_seam
+from .steer import Steer, SteeringSession, as_steers
 
-if TYPE_CHECKING:
-    from .extraction import Read
-
-Prompt = str | Sequence[int]
 Message = Mapping[str, str]
 
 
@@ -73,20 +71,15 @@ class Model:
         if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be an int >= -1, got {n_gpu_layers!r}")
         self._path = Path(path)
-        self._model: _core.Model | None = _core.Model(str(self._path), n_gpu_layers)
-        params = _core.ContextParams()
-        params.n_ctx = n_ctx
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
-        params.n_seq_max = n_seq_max
-        params.n_threads = n_threads or 0
-        self._ctx: _core.Context | None = _core.Context(self._model, params)
-        # A graph without a steering hook still generates; any Steer is then
-        # refused by check_fits with a clear error.
-        with contextlib.suppress(SteeringError):
-            self._ctx.steer_init(n_steer_slots, 1)
-        self._generation = 0  # bumped by every new call that uses the context; see _start
-        self._steering: SteeringSession | None = None
+        self._engine = Engine(
+            self._path,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_gpu_layers=n_gpu_layers,
+            n_batch=n_batch,
+            n_seq_max=n_seq_max,
+            n_steer_slots=n_steer_slots,
+        )
 
     @classmethod
     def default(cls, name: str = "smollm2-135m", **kwargs: Any) -> Model:
@@ -97,17 +90,27 @@ class Model:
 
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
-        """Free the context and the weights. Idempotent."""
-        self._end_steering()
-        if self._ctx is not None:
-            self._ctx.close()
-        self._ctx = None
-        self._model = None
+        """Free the context and the weights. Idempotent; from another thread
+        it waits for the running call's current step."""
+        self._engine.close()
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` has run (every call then raises ``ClosedError``)."""
-        return self._ctx is None
+        return self._engine.closed
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's re-entrant lock. Every call holds it (a generator, per
+        step); hold it yourself to make a streamed generation atomic:
+        ``with model.lock: for tok in model.generate(...)``."""
+        return self._engine.lock
+
+    @property
+    def engine(self) -> Engine:
+        """The decode layer under this model (its lock, call protocol and
+        core objects), for modules built on ``Model``; see :mod:`llama_steer.engine`."""
+        return self._engine
 
     def __enter__(self) -> Model:
         return self
@@ -121,15 +124,11 @@ class Model:
 
     @property
     def _m(self) -> _core.Model:
-        if self._model is None:
-            raise ClosedError("the model is closed")
-        return self._model
+        return self._engine.model
 
     @property
     def _c(self) -> _core.Context:
-        if self._ctx is None:
-            raise ClosedError("the model is closed")
-        return self._ctx
+        return self._engine.ctx
 
     # -- metadata -----------------------------------------------------------
     @property
@@ -196,78 +195,23 @@ class Model:
             raise ValueError("messages is empty")
         return str(self._m.apply_chat_template(pairs, add_generation_prompt))
 
-    def _prompt_tokens(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            # Chat-formatted prompts carry their special tokens as text.
-            tokens = self.tokenize(prompt, add_special=True, parse_special=True)
-        else:
-            tokens = [int(t) for t in prompt]
-        if not tokens or (isinstance(prompt, str) and not prompt):
-            raise ValueError("the prompt is empty")
-        if len(tokens) >= self.n_ctx:
-            raise ContextOverflowError(
-                f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx} (leave room to generate)"
-            )
-        return tokens
-
     # -- evaluation ---------------------------------------------------------
-    def _end_steering(self) -> None:
-        if self._steering is not None:
-            self._steering.close()
-            self._steering = None
-
-    def _begin_call(self) -> None:
-        """A new call owns the context: the previous call's steering ends and
-        any suspended generator of it raises when resumed."""
-        self._end_steering()
-        self._generation += 1
-
-    def _check_current(self, generation: int) -> None:
-        """Raise if a newer call took the context since call ``generation`` began
-        (a suspended generator resumed after it)."""
-        if generation != self._generation:
-            raise LlamaSteerError("this generation was ended by a newer call on the same model")
-
-    def _bind_steering(self, per_seq: Mapping[int, Sequence[Steer]], n_prompt: Mapping[int, int]) -> SteeringSession:
-        """Begin a call (:meth:`_begin_call`) with sequence s steered by
-        ``per_seq[s]``; the session is the model's until the call ends
-        (:meth:`_end_steering`) or the next call begins."""
-        self._begin_call()
-        self._steering = apply_steering(self._c, self.n_layer, self.n_embd, per_seq, n_prompt)
-        return self._steering
-
     def _start(
         self, token_lists: Sequence[Sequence[int]], steers: Sequence[list[Steer]]
-    ) -> tuple[int, SteeringSession, list[int]]:
-        """Begin a call: end the previous call's steering, bind this call's
-        (sequence i gets ``steers[i]``), clear the cache and decode the
-        prompts. Returns the call's id, its steering session and the batch
-        row of each prompt's last token.
-
-        Each prompt but its last token is decoded on its own, then the last
-        tokens of all prompts together: ggml's CPU attention switches kernels
-        with the number of rows in a ubatch, so this keeps a sequence's
-        numbers the same whether it runs alone or beside others (a sweep in
-        one batch gives the texts of separate runs)."""
-        ctx = self._c
-        total = sum(len(t) for t in token_lists)
-        if total >= ctx.n_ctx:
-            raise ContextOverflowError(f"the prompts hold {total} tokens; the context holds {ctx.n_ctx}")
-        per_seq = {i: s for i, s in enumerate(steers) if s}
-        session = self._bind_steering(per_seq, {i: len(t) for i, t in enumerate(token_lists)})
+    ) -> tuple[int, SteeringSession]:
+        """Begin a call (the lock held): bind sequence i to ``steers[i]`` and
+        decode the prompts (batch row i: the logits after prompt i). Returns
+        the call id and its steering; on failure the steering is undone."""
+        eng = self._engine
+        call_id, session = eng.begin(
+            {i: s for i, s in enumerate(steers) if s}, {i: len(t) for i, t in enumerate(token_lists)}
+        )
         try:
-            ctx.clear()
-            for i, t in enumerate(token_lists):
-                if len(t) > 1:
-                    n = len(t) - 1
-                    ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(n)), [i] * n, [0] * n))
-            ctx.decode_step(
-                [t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(len(token_lists)))
-            )
+            eng.prefill(token_lists)
         except BaseException:
-            self._end_steering()
+            eng.end()
             raise
-        return self._generation, session, list(range(len(token_lists)))
+        return call_id, session
 
     def capture(
         self,
@@ -284,20 +228,19 @@ class Model:
         them) is the output of block N, where steering adds. ``read`` is
         ``"last"``, ``"mean"`` or a callable (see :func:`llama_steer.extraction.capture`).
         """
-        from .extraction import capture
-
         return capture(self, prompts, layers, read, steer=steer, **kwargs)
 
     def logits(self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None) -> npt.NDArray[np.float32]:
         """Next-token logits after ``prompt``: float32 array of shape [n_vocab]."""
-        tokens = self._prompt_tokens(prompt)
+        tokens = self._engine.prompt_tokens(prompt)
         steers = as_steers(steer)
-        check_fits(self._c, steers, self.n_layer, self.n_embd)
-        self._start([tokens], [steers])
-        try:
-            return np.asarray(self._c.logits(-1), dtype=np.float32)
-        finally:
-            self._end_steering()
+        self._engine.check_steers(steers)
+        with self._engine.lock:
+            self._start([tokens], [steers])
+            try:
+                return np.asarray(self._c.logits(-1), dtype=np.float32)
+            finally:
+                self._engine.end()
 
     def logits_batch(
         self,
@@ -307,12 +250,13 @@ class Model:
         """Next-token logits of several prompts in one batch: float32
         [n_prompts, n_vocab]; ``steers[i]`` steers prompt i only."""
         token_lists, steer_lists = self._batch_args(prompts, steers)
-        self._start(token_lists, steer_lists)
-        try:
-            ctx = self._c
-            return np.stack([np.asarray(ctx.logits(i), dtype=np.float32) for i in range(len(token_lists))])
-        finally:
-            self._end_steering()
+        with self._engine.lock:
+            self._start(token_lists, steer_lists)
+            try:
+                ctx = self._c
+                return np.stack([np.asarray(ctx.logits(i), dtype=np.float32) for i in range(len(token_lists))])
+            finally:
+                self._engine.end()
 
     @overload
     def score(
@@ -353,8 +297,6 @@ class Model:
         strengths only). One str scores one continuation. Tokenization at
         the seam: see :func:`llama_steer.scoring.split_at_seam`.
         """
-        from .scoring import ScoreJob, score_jobs, split_at_seam
-
         conts = [continuations] if isinstance(continuations, str) else list(continuations)
         head, tails = split_at_seam(self, prompt, conts)
         per = score_jobs(self, [ScoreJob(head, tails, as_steers(steer))])[0]
@@ -367,7 +309,7 @@ class Model:
     ) -> tuple[list[list[int]], list[list[Steer]]]:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of prompts, not one str")
-        token_lists = [self._prompt_tokens(p) for p in prompts]
+        token_lists = [self._engine.prompt_tokens(p) for p in prompts]
         if not token_lists:
             raise ValueError("no prompts")
         width = min(self._c.n_seq_max, self._c.n_batch)
@@ -383,7 +325,7 @@ class Model:
                 raise ValueError(f"{len(steers)} steers for {len(token_lists)} prompts")
             steer_lists = [as_steers(s) for s in steers]
         for sl in steer_lists:
-            check_fits(self._c, sl, self.n_layer, self.n_embd)
+            self._engine.check_steers(sl)
         return token_lists, steer_lists
 
     def generate(
@@ -400,10 +342,10 @@ class Model:
         loop leaves the model usable; starting another call ends this one.
         """
         params = SamplingParams.from_kwargs(**sampling)
-        tokens = self._prompt_tokens(prompt)
+        tokens = self._engine.prompt_tokens(prompt)
         steers = as_steers(steer)
         # Mistakes surface here, not at the first next().
-        check_fits(self._c, steers, self.n_layer, self.n_embd)
+        self._engine.check_steers(steers)
         return (tok for _, tok in self._run([tokens], [steers], params))
 
     def generate_batch(
@@ -435,61 +377,75 @@ class Model:
         return self.generate(self.apply_chat_template(messages), steer=steer, **sampling)
 
     def complete(self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None, **sampling: Any) -> str:
-        """The text :meth:`generate` produces, joined."""
-        return "".join(t.text for t in self.generate(prompt, steer=steer, **sampling))
+        """The text :meth:`generate` produces, joined: one call under the
+        model's lock, so another thread's call waits instead of ending it."""
+        with self._engine.lock:
+            return "".join(t.text for t in self.generate(prompt, steer=steer, **sampling))
 
     def _run(
         self, token_lists: list[list[int]], steers: list[list[Steer]], params: SamplingParams
     ) -> Iterator[tuple[int, Token]]:
-        """The decode loop behind generate and generate_batch."""
-        ctx, model = self._c, self._m
-        n_vocab = model.n_vocab
-        generation, session, rows = self._start(token_lists, steers)
+        """The decode loop behind generate and generate_batch.
+
+        Native work runs under the model's lock, one step at a time (sample
+        every active sequence, then decode their tokens); the lock is not
+        held while the caller holds a yielded token, so a suspended
+        generator never blocks another thread. A call that took the model in
+        between ends this one: the next step raises SupersededError."""
+        eng = self._engine
+        model, n_vocab = eng.model, eng.n_vocab
+        with eng.lock:
+            call_id, session = self._start(token_lists, steers)
         try:
             seqs = [
                 _Sequence(i, len(t), params.with_seed_offset(i).make_sampler(n_vocab), _TextStream(params.stop))
                 for i, t in enumerate(token_lists)
             ]
+            rows = list(range(len(token_lists)))
             used = sum(len(t) for t in token_lists)
             active = seqs if params.max_tokens > 0 else []
+            decode_first = False  # the prompt's logits are there already
             while active:
+                out: list[tuple[int, Token]] = []
                 step: list[_Sequence] = []
-                for sq in active:
-                    self._check_current(generation)
-                    token_id, logprob = sq.sampler.sample(ctx, rows[sq.index])
-                    if model.is_eog(token_id):
-                        yield from sq.finish()
-                        continue
-                    text, stopped = sq.stream.push(model.token_to_piece(token_id, False))
-                    # A token is yielded once the next one is sampled (or its
-                    # sequence ends), so text held back at the end (a split
-                    # character, a possible stop string) joins the last token.
-                    if sq.held is not None:
-                        yield sq.index, Token(*sq.held)
-                    sq.held = (token_id, text, float(logprob))
-                    sq.n_generated += 1
-                    if stopped or sq.n_generated >= params.max_tokens:
-                        yield from sq.finish()
-                        continue
-                    step.append(sq)
-                if used + len(step) > ctx.n_ctx:  # the cache is full: nothing more can be decoded
-                    for sq in step:
-                        yield from sq.finish()
-                    step = []
-                active = step
-                if not active:
-                    break
-                self._check_current(generation)
-                session.update(active[0].n_generated)  # sequences advance in lockstep
-                ctx.decode_step(
-                    [sq.held[0] for sq in active],  # type: ignore[index]
-                    [sq.n_prompt + sq.n_generated - 1 for sq in active],
-                    [sq.index for sq in active],
-                )
-                used += len(active)
-                rows = {sq.index: j for j, sq in enumerate(active)}  # type: ignore[assignment]
+                with eng.lock:
+                    eng.check_current(call_id)
+                    ctx = eng.ctx
+                    if decode_first:
+                        session.update(active[0].n_generated)  # sequences advance in lockstep
+                        ctx.decode_step(
+                            [sq.held[0] for sq in active],  # type: ignore[index]
+                            [sq.n_prompt + sq.n_generated - 1 for sq in active],
+                            [sq.index for sq in active],
+                        )
+                        used += len(active)
+                        rows = {sq.index: j for j, sq in enumerate(active)}  # type: ignore[assignment]
+                    for sq in active:
+                        token_id, logprob = sq.sampler.sample(ctx, rows[sq.index])
+                        if model.is_eog(token_id):
+                            out.extend(sq.finish())
+                            continue
+                        text, stopped = sq.stream.push(model.token_to_piece(token_id, False))
+                        # A token is yielded once the next one is sampled (or its
+                        # sequence ends), so text held back at the end (a split
+                        # character, a possible stop string) joins the last token.
+                        if sq.held is not None:
+                            out.append((sq.index, Token(*sq.held)))
+                        sq.held = (token_id, text, float(logprob))
+                        sq.n_generated += 1
+                        if stopped or sq.n_generated >= params.max_tokens:
+                            out.extend(sq.finish())
+                            continue
+                        step.append(sq)
+                    if used + len(step) > ctx.n_ctx:  # the cache is full: nothing more can be decoded
+                        for sq in step:
+                            out.extend(sq.finish())
+                        step = []
+                yield from out
+                active, decode_first = step, True
         finally:
-            session.close()
+            with eng.lock:
+                session.close()
 
 
 class _Sequence:

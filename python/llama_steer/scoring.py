@@ -16,10 +16,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ContextOverflowError
-from .steer import Steer, check_fits
+from .steer import Steer
 from .tokens import TokenBatch, common_prefix_len
 
 if TYPE_CHECKING:
+    from .engine import Engine
     from .model import Model
 
 
@@ -59,7 +60,7 @@ def split_at_seam(model: Model, prompt: str, continuations: Sequence[str]) -> tu
             raise TypeError(f"continuations must be str, got {type(c).__name__}")
         if not c:
             raise ValueError("a continuation is empty")
-    head = model._prompt_tokens(prompt)
+    head = model.engine.prompt_tokens(prompt)
     wholes = [model.tokenize(prompt + c, add_special=True, parse_special=True) for c in continuations]
     keep = len(head)
     for whole in wholes:
@@ -113,7 +114,7 @@ def score_jobs(
     context's steering slots (``n_steer_slots``; one vector at many
     strengths takes one slot).
     """
-    ctx = model._c
+    eng = model.engine
     for job in jobs:
         if not job.prompt:
             raise ValueError("a prompt is empty")
@@ -124,18 +125,17 @@ def score_jobs(
         for s in job.steers:
             if s.scheduled:
                 raise ValueError("scoring takes constant strengths, not a schedule")
-        check_fits(ctx, list(job.steers), model.n_layer, model.n_embd)
+        eng.check_steers(list(job.steers))
     out: list[list[npt.NDArray[np.float64]]] = []
-    for group in _groups(jobs, ctx.n_seq_max, ctx.n_ctx):
+    for group in _groups(jobs, eng.ctx.n_seq_max, eng.n_ctx):
         batch = [jobs[i] for i in group]
-        out.extend(_score_group(model, batch))
+        out.extend(_score_group(eng, batch))
         if on_group is not None:
             on_group(sum(job.n_cells for job in batch))
     return out
 
 
-def _score_group(model: Model, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArray[np.float64]]]:
-    ctx = model._c
+def _score_group(eng: Engine, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArray[np.float64]]]:
     seqs_of: list[range] = []
     per_seq: dict[int, list[Steer]] = {}
     n_prompt: dict[int, int] = {}
@@ -170,9 +170,9 @@ def _score_group(model: Model, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArra
                 if k + 1 < len(cont):
                     prev = tail.add(t, n + k, [seq], True)
 
-    model._bind_steering(per_seq, n_prompt)
     lp = np.empty(len(targets), dtype=np.float64)
-    try:
+    with eng.call(per_seq, n_prompt):
+        ctx = eng.ctx
         ctx.clear()
         width = min(_MAX_ROWS, ctx.n_batch)  # outputs must sit in one decode chunk
         for a, b in _spans(len(head), width):
@@ -186,9 +186,6 @@ def _score_group(model: Model, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArra
             pick = by_row[lo:hi]
             local = [int(rows[i]) - a for i in pick]
             lp[pick] = ctx.token_logprobs(local, [targets[i] for i in pick])
-    finally:
-        model._end_steering()
-        ctx.clear()
     out: list[list[npt.NDArray[np.float64]]] = []
     k = 0
     for job in jobs:

@@ -1,0 +1,200 @@
+"""The decode layer under :class:`~llama_steer.Model`.
+
+An :class:`Engine` owns one llama.cpp model and its context, and the rules
+every call on them follows:
+
+- **One call at a time.** A per-model lock (re-entrant) is held for each
+  call, and for each step of a generator (from a resume to its next yield),
+  so two threads on one model are serialized instead of entering llama.cpp
+  together. The GIL is released inside decode, so waiting threads and other
+  Python work still run.
+- **A call owns the context.** It begins by ending the previous call's
+  steering and bumping the call id; a suspended generator of an earlier
+  call then raises :class:`~llama_steer.errors.SupersededError` when
+  resumed.
+- **Steering is scoped.** The steering a call binds is undone when the
+  call ends, whatever way it ends.
+
+Modules that decode (``model``, ``extraction``, ``scoring``, ``actadd``,
+``conditions``) stand on this layer; it imports none of them, so the arrows
+point one way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from . import _core
+from .errors import ClosedError, ContextOverflowError, SteeringError, SupersededError
+from .steer import Steer, SteeringSession, apply_steering, check_fits
+
+Prompt = str | Sequence[int]
+
+
+class Engine:
+    """A llama.cpp model and context, with the per-model lock and the call
+    protocol described in this module's docstring."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx: int,
+        n_threads: int | None,
+        n_gpu_layers: int,
+        n_batch: int,
+        n_seq_max: int,
+        n_steer_slots: int,
+    ) -> None:
+        self.lock = threading.RLock()
+        self._model: _core.Model | None = _core.Model(str(path), n_gpu_layers)
+        params = _core.ContextParams()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads or 0
+        self._ctx: _core.Context | None = _core.Context(self._model, params)
+        # A graph without a steering hook still generates; any Steer is then
+        # refused by check_steers with a clear error.
+        with contextlib.suppress(SteeringError):
+            self._ctx.steer_init(n_steer_slots, 1)
+        self._call_id = 0  # bumped by every call that takes the context
+        self._steering: SteeringSession | None = None
+
+    # -- lifetime -------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context and the weights (idempotent). Waits for a call
+        running in another thread to finish its step."""
+        with self.lock:
+            self.end()
+            if self._ctx is not None:
+                self._ctx.close()
+            self._ctx = None
+            self._model = None
+            self._call_id += 1  # a suspended generator raises ClosedError/Superseded, never touches freed memory
+
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None
+
+    @property
+    def model(self) -> _core.Model:
+        """The core model; raises ClosedError after close."""
+        if self._model is None:
+            raise ClosedError("the model is closed")
+        return self._model
+
+    @property
+    def ctx(self) -> _core.Context:
+        """The core context; raises ClosedError after close."""
+        if self._ctx is None:
+            raise ClosedError("the model is closed")
+        return self._ctx
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.model.n_layer)
+
+    @property
+    def n_embd(self) -> int:
+        return int(self.model.n_embd)
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.model.n_vocab)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.ctx.n_ctx)
+
+    # -- text -----------------------------------------------------------------
+    def prompt_tokens(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: a str (BOS added, chat markup parsed) or ids.
+        Raises ValueError when empty, ContextOverflowError when it leaves no
+        room to generate."""
+        if isinstance(prompt, str):
+            tokens = [int(t) for t in self.model.tokenize(prompt, True, True)]
+        else:
+            tokens = [int(t) for t in prompt]
+        if not tokens or (isinstance(prompt, str) and not prompt):
+            raise ValueError("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx} (leave room to generate)"
+            )
+        return tokens
+
+    def check_steers(self, steers: Sequence[Steer]) -> None:
+        """Raise unless every steer fits this model (size, layers, hooks)."""
+        with self.lock:  # reads the context's hook table
+            check_fits(self.ctx, steers, self.n_layer, self.n_embd)
+
+    # -- the call protocol ----------------------------------------------------
+    def begin(self, per_seq: Mapping[int, Sequence[Steer]], n_prompt: Mapping[int, int]) -> tuple[int, SteeringSession]:
+        """Begin a call (the lock must be held): end the previous call's
+        steering, take a new call id and bind sequence s to ``per_seq[s]``
+        (windows computed from ``n_prompt[s]``). Returns the call id and its
+        steering session, which is the engine's until :meth:`end` or the
+        next begin."""
+        self.end()
+        self._call_id += 1
+        self._steering = apply_steering(self.ctx, self.n_layer, self.n_embd, per_seq, n_prompt)
+        return self._call_id, self._steering
+
+    @property
+    def session(self) -> SteeringSession | None:
+        """The current call's steering, or None between calls."""
+        return self._steering
+
+    def end(self) -> None:
+        """End the current call's steering (idempotent)."""
+        if self._steering is not None:
+            self._steering.close()
+            self._steering = None
+
+    @contextlib.contextmanager
+    def call(
+        self, per_seq: Mapping[int, Sequence[Steer]] | None = None, n_prompt: Mapping[int, int] | None = None
+    ) -> Iterator[SteeringSession]:
+        """A whole call under the lock: :meth:`begin`, the body, :meth:`end`
+        and a cleared KV cache, whatever way the body leaves."""
+        with self.lock:
+            _, session = self.begin(per_seq or {}, n_prompt or {})
+            try:
+                yield session
+            finally:
+                self.end()
+                if not self.closed:
+                    self.ctx.clear()
+
+    def check_current(self, call_id: int) -> None:
+        """Raise if another call took the context since call ``call_id``
+        began (a suspended generator resumed after it), or it was closed."""
+        if self._ctx is None:
+            raise ClosedError("the model is closed")
+        if call_id != self._call_id:
+            raise SupersededError("this generation was ended by a newer call on the same model")
+
+    def prefill(self, token_lists: Sequence[Sequence[int]]) -> None:
+        """Decode prompts (sequence i gets ``token_lists[i]``) into a cleared
+        cache; afterwards batch row i holds the logits after prompt i.
+
+        Each prompt but its last token is decoded on its own, then the last
+        tokens of all prompts together: ggml's CPU attention switches kernels
+        with the number of rows in a ubatch, so this keeps a sequence's
+        numbers the same whether it runs alone or beside others (a sweep in
+        one batch gives the texts of separate runs)."""
+        ctx = self.ctx
+        total = sum(len(t) for t in token_lists)
+        if total >= ctx.n_ctx:
+            raise ContextOverflowError(f"the prompts hold {total} tokens; the context holds {ctx.n_ctx}")
+        ctx.clear()
+        for i, t in enumerate(token_lists):
+            if len(t) > 1:
+                n = len(t) - 1
+                ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(n)), [i] * n, [0] * n))
+        ctx.decode_step([t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(len(token_lists))))
