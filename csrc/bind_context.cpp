@@ -52,11 +52,11 @@ void register_context(py::module_& m) {
         .def_property_readonly("capture_layers", &Context::capture_layers)
         .def(
             "decode_capture",
-            [](Context& self, const BatchTokens& b) {
+            [](Context& self, const BatchTokens& b, int32_t max_outputs) {
                 std::vector<float> rows;
                 {
                     py::gil_scoped_release release;
-                    rows = self.decode_capture(b);
+                    rows = self.decode_capture(b, max_outputs);
                 }
                 const auto n_cap = static_cast<py::ssize_t>(self.capture_layers().size());
                 const auto n_embd = static_cast<py::ssize_t>(self.model().n_embd());
@@ -65,7 +65,7 @@ void register_context(py::module_& m) {
                 std::copy(rows.begin(), rows.end(), out.mutable_data());
                 return out;
             },
-            py::arg("batch"))
+            py::arg("batch"), py::arg("max_outputs") = 64)
         .def(
             "embeddings",
             [](Context& self, int32_t i) {

@@ -50,6 +50,17 @@ void register_steering(py::module_& m) {
                                        static_cast<int32_t>(dirs->shape(1)), coef);
             },
             py::arg("slot"), py::arg("il"), py::arg("dirs"), py::arg("coef"))
+        .def(
+            "steer_set_rows",
+            [](Context& c, int32_t slot, int32_t il, std::optional<f32_array> rows) {
+                if (!rows) return Steering(c).set_rows(slot, il, nullptr, 0, 0);
+                if (rows->ndim() != 2) throw InvalidArgument("steering rows must be 2-D [n_rows, n_embd]");
+                Steering(c).set_rows(slot, il, rows->data(), static_cast<int32_t>(rows->shape(0)),
+                                     static_cast<int32_t>(rows->shape(1)));
+            },
+            py::arg("slot"), py::arg("il"), py::arg("rows"))
+        .def("steer_slot_n_rows", [](Context& c, int32_t slot) { return Steering(c).n_rows(slot); },
+             py::arg("slot"))
         .def("steer_clear", [](Context& c, int32_t slot) { Steering(c).clear(slot); }, py::arg("slot"))
         .def(
             "steer_bind",

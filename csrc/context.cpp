@@ -118,12 +118,13 @@ void Context::run(int32_t n) {
     if (rc != 0) throw DecodeError("llama_decode failed with code " + std::to_string(rc));
 }
 
-void Context::decode(const BatchTokens& b) { decode_chunks(b, nullptr); }
+void Context::decode(const BatchTokens& b) { decode_chunks(b, nullptr, params_.n_batch); }
 
-std::vector<float> Context::decode_capture(const BatchTokens& b) {
+std::vector<float> Context::decode_capture(const BatchTokens& b, int32_t max_outputs) {
     if (capture_layers_.empty()) throw InvalidArgument("no capture layers are set");
+    if (max_outputs < 1) throw InvalidArgument("max_outputs must be positive");
     std::vector<float> out;
-    decode_chunks(b, &out);
+    decode_chunks(b, &out, max_outputs);
     return out;
 }
 
@@ -141,7 +142,7 @@ void Context::set_capture_layers(const std::vector<int32_t>& layers) {
     capture_layers_ = layers;
 }
 
-void Context::decode_chunks(const BatchTokens& b, std::vector<float>* captured) {
+void Context::decode_chunks(const BatchTokens& b, std::vector<float>* captured, int32_t max_chunk_outputs) {
     Use use(*this);
     get();
     const size_t n = b.tokens.size();
@@ -171,11 +172,10 @@ void Context::decode_chunks(const BatchTokens& b, std::vector<float>* captured) 
     const size_t n_cap = capture_layers_.size();
     std::vector<float> rows;
     // Chunks of at most n_batch tokens. When capturing, also at most
-    // kMaxChunkOutputs outputs: llama.cpp grows its logits buffer to the
+    // max_chunk_outputs outputs: llama.cpp grows its logits buffer to the
     // outputs of one call (n_vocab floats each), which would dominate memory
     // when many rows are captured; captured rows are gathered per chunk.
-    constexpr int32_t kMaxChunkOutputs = 64;
-    const int32_t max_outputs = captured != nullptr ? kMaxChunkOutputs : params_.n_batch;
+    const int32_t max_outputs = captured != nullptr ? max_chunk_outputs : params_.n_batch;
     if (captured == nullptr) {
         // Only the last chunk's logits survive: every output must be in it.
         const size_t last_start = n - ((n - 1) % static_cast<size_t>(params_.n_batch) + 1);

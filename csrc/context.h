@@ -81,8 +81,10 @@ public:
     void set_capture_layers(const std::vector<int32_t>& layers);
     const std::vector<int32_t>& capture_layers() const { return capture_layers_; }
     // decode(), returning the captured rows of every output token, in batch
-    // order, as [n_outputs][n_capture_layers][n_embd].
-    std::vector<float> decode_capture(const BatchTokens& batch);
+    // order, as [n_outputs][n_capture_layers][n_embd]. Chunks hold at most
+    // max_outputs outputs (bounding llama.cpp's logits buffer); pass n_batch
+    // to split the batch exactly as decode() does.
+    std::vector<float> decode_capture(const BatchTokens& batch, int32_t max_outputs = 64);
     // Decodes one token per listed sequence, each with its logits kept.
     void decode_step(const std::vector<llama_token>& tokens, const std::vector<llama_pos>& pos,
                      const std::vector<llama_seq_id>& seq);
@@ -99,7 +101,7 @@ public:
 private:
     void check_seq(llama_seq_id seq) const;
     void run(int32_t n);
-    void decode_chunks(const BatchTokens& batch, std::vector<float>* captured);
+    void decode_chunks(const BatchTokens& batch, std::vector<float>* captured, int32_t max_outputs);
 
     std::atomic<std::thread::id> owner_{};
     int32_t depth_ = 0;  // nested Uses of the owning thread

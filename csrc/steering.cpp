@@ -50,6 +50,17 @@ void Steering::set_ablate(int32_t slot, int32_t il, const float* dirs, int32_t n
                 ("ablation directions for layer " + std::to_string(il)).c_str());
 }
 
+void Steering::set_rows(int32_t slot, int32_t il, const float* data, int32_t n_rows, int32_t n_embd) {
+    check_steer(llama_steer_slot_set_rows(ctx_.get(), slot, il, data, n_rows, n_embd),
+                ("steering rows for layer " + std::to_string(il)).c_str());
+}
+
+int32_t Steering::n_rows(int32_t slot) const {
+    const int32_t n = llama_steer_slot_n_rows(ctx_.get(), slot);
+    check_steer(n, "steering n_rows");
+    return n;
+}
+
 void Steering::clear(int32_t slot) { check_steer(llama_steer_slot_clear(ctx_.get(), slot), "steering clear"); }
 
 void Steering::bind(llama_seq_id seq, int32_t slot, float strength, llama_pos p0, llama_pos p1) {

@@ -23,6 +23,10 @@ public:
     void set_add(int32_t slot, int32_t il, const float* data, int32_t n_embd);
     // dirs: n_dirs x n_embd floats (row-major), or nullptr to clear.
     void set_ablate(int32_t slot, int32_t il, const float* dirs, int32_t n_dirs, int32_t n_embd, float coef);
+    // data: n_rows x n_embd floats (row-major): row i is added at position
+    // p0 + i of a bound sequence; nullptr clears the layer.
+    void set_rows(int32_t slot, int32_t il, const float* data, int32_t n_rows, int32_t n_embd);
+    int32_t n_rows(int32_t slot) const;
     void clear(int32_t slot);
     void bind(llama_seq_id seq, int32_t slot, float strength, llama_pos p0, llama_pos p1);
     int32_t unbind(llama_seq_id seq, int32_t slot);

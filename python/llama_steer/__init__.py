@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from .actadd import ActAdd
+from .conditions import Condition, ConditionSearch, find_condition, topic_prompts
 from .errors import (
     ClosedError,
     ConcurrentUseError,
@@ -22,7 +24,7 @@ from .errors import (
 )
 from .evaluation import ABDataset, EvalResult, evaluate, load_ab_dataset, plot_curve, word_odds_curve
 from .extraction import Pair, behaviours, extract, load_pairs, persona_pairs
-from .model import Model, Token
+from .model import ConditionResult, Model, Token
 from .sampling import SamplingParams
 from .steer import Steer
 from .vectors import ControlVector
@@ -31,6 +33,12 @@ from .weights import MODELS, default_model_path
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActAdd",
+    "Condition",
+    "ConditionResult",
+    "ConditionSearch",
+    "find_condition",
+    "topic_prompts",
     "ABDataset",
     "EvalResult",
     "evaluate",

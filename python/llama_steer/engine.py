@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
 
 from . import _core
 from .errors import ClosedError, ContextOverflowError, SteeringError, SupersededError
@@ -129,9 +132,14 @@ class Engine:
         return tokens
 
     def check_steers(self, steers: Sequence[Steer]) -> None:
-        """Raise unless every steer fits this model (size, layers, hooks)."""
+        """Raise unless every steer fits this model (size, layers, hooks, the
+        architecture an ActAdd was built on)."""
         with self.lock:  # reads the context's hook table
             check_fits(self.ctx, steers, self.n_layer, self.n_embd)
+        arch = str(self.model.meta("general.architecture"))
+        for s in steers:
+            if s.actadd is not None:
+                s.actadd.check_fits(self.n_layer, self.n_embd, arch)
 
     # -- the call protocol ----------------------------------------------------
     def begin(self, per_seq: Mapping[int, Sequence[Steer]], n_prompt: Mapping[int, int]) -> tuple[int, SteeringSession]:
@@ -150,8 +158,12 @@ class Engine:
         """The current call's steering, or None between calls."""
         return self._steering
 
-    def end(self) -> None:
-        """End the current call's steering (idempotent)."""
+    def end(self, session: SteeringSession | None = None) -> None:
+        """End the current call's steering (idempotent); given a ``session``,
+        close it, and end the call only if it is still that session's."""
+        if session is not None and session is not self._steering:
+            session.close()
+            return
         if self._steering is not None:
             self._steering.close()
             self._steering = None
@@ -179,7 +191,12 @@ class Engine:
         if call_id != self._call_id:
             raise SupersededError("this generation was ended by a newer call on the same model")
 
-    def prefill(self, token_lists: Sequence[Sequence[int]]) -> None:
+    def prefill(
+        self,
+        token_lists: Sequence[Sequence[int]],
+        capture_layers: Sequence[int] = (),
+        mean_seqs: Collection[int] = (),
+    ) -> PrefillCapture | None:
         """Decode prompts (sequence i gets ``token_lists[i]``) into a cleared
         cache; afterwards batch row i holds the logits after prompt i.
 
@@ -187,14 +204,60 @@ class Engine:
         tokens of all prompts together: ggml's CPU attention switches kernels
         with the number of rows in a ubatch, so this keeps a sequence's
         numbers the same whether it runs alone or beside others (a sweep in
-        one batch gives the texts of separate runs)."""
+        one batch gives the texts of separate runs).
+
+        With ``capture_layers``, the same decode also captures each prompt's
+        residual stream there: its last token's, and for the sequences in
+        ``mean_seqs`` the mean over all its tokens. The batches are split
+        exactly as without capture, and the KV cache is the same, so what is
+        generated afterwards does not change.
+        """
         ctx = self.ctx
         total = sum(len(t) for t in token_lists)
         if total >= ctx.n_ctx:
             raise ContextOverflowError(f"the prompts hold {total} tokens; the context holds {ctx.n_ctx}")
         ctx.clear()
-        for i, t in enumerate(token_lists):
-            if len(t) > 1:
-                n = len(t) - 1
-                ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(n)), [i] * n, [0] * n))
-        ctx.decode_step([t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(len(token_lists))))
+        n = len(token_lists)
+        if not capture_layers:
+            for i, t in enumerate(token_lists):
+                if len(t) > 1:
+                    m = len(t) - 1
+                    ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(m)), [i] * m, [0] * m))
+            ctx.decode_step([t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(n)))
+            return None
+        sums: dict[int, npt.NDArray[np.float64]] = {}
+        ctx.set_capture_layers(list(capture_layers))
+        try:
+            for i, t in enumerate(token_lists):
+                if len(t) > 1:
+                    m = len(t) - 1
+                    if i in mean_seqs:
+                        batch = _core.BatchTokens(list(t[:-1]), list(range(m)), [i] * m, [1] * m)
+                        sums[i] = ctx.decode_capture(batch, ctx.n_batch).sum(axis=0, dtype=np.float64)
+                    else:
+                        ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(m)), [i] * m, [0] * m))
+            last_batch = _core.BatchTokens(
+                [t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(n)), [1] * n
+            )
+            last = np.asarray(ctx.decode_capture(last_batch, ctx.n_batch), dtype=np.float32)
+        finally:
+            ctx.set_capture_layers([])
+        mean = {i: ((sums.get(i, 0.0) + last[i]) / len(token_lists[i])).astype(np.float32) for i in set(mean_seqs)}
+        return PrefillCapture(list(capture_layers), last, mean)
+
+
+class PrefillCapture:
+    """Residual streams captured while prompts were decoded (:meth:`Engine.prefill`)."""
+
+    def __init__(
+        self, layers: list[int], last: npt.NDArray[np.float32], mean: dict[int, npt.NDArray[np.float32]]
+    ) -> None:
+        self.layers = layers
+        self._last = last  # [n_seq, n_layers, n_embd]
+        self._mean = mean  # seq -> [n_layers, n_embd]
+
+    def read(self, seq: int, layer: int, how: str) -> npt.NDArray[np.float32]:
+        """Sequence ``seq``'s hidden state [n_embd] at ``layer``: ``"last"`` or ``"mean"``."""
+        j = self.layers.index(layer)
+        row: npt.NDArray[np.float32] = self._mean[seq][j] if how == "mean" else self._last[seq, j]
+        return row

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from . import _core
 from .errors import DatasetError, LlamaSteerError
 from .steer import Steer, as_steers
 from .tokens import TokenBatch, common_prefix_len
@@ -243,8 +244,10 @@ def capture(
     """
     steers = as_steers(steer)
     for s in steers:
-        if s.positions in ("prompt", "generated"):
+        if s.positions in ("prompt", "generated") or s.condition is not None:
             raise ValueError("capture takes steering on positions 'all' or an explicit (p0, p1) window")
+        if s.actadd is not None and (s.actadd.location == "back" or s.actadd.pad_prompt):
+            raise ValueError("capture takes ActAdd injections at 'front' or a fixed offset, without pad_prompt")
     eng = model.engine
     eng.check_steers(steers)
     token_lists = [eng.prompt_tokens(p) for p in prompts]
@@ -255,8 +258,61 @@ def capture(
     for il in layer_list:
         if not 0 <= il < model.n_layer:
             raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
-    rows = _capture_rows(eng, token_lists, positions, layer_list, batch_size, share_prefixes, progress, steers)
+    n_shortest = min(len(t) for t in token_lists)
+    rows = _capture_rows(
+        eng, token_lists, positions, layer_list, batch_size, share_prefixes, progress, steers, n_shortest
+    )
     return _average_reads(rows)
+
+
+def capture_positions(
+    model: Model,
+    prompts: Sequence[str | Sequence[int]],
+    layers: Iterable[int],
+    *,
+    steer: Steer | Sequence[Steer] | None = None,
+) -> list[npt.NDArray[np.float32]]:
+    """Residual stream at every position of each prompt: per prompt float32
+    [n_tokens, n_layers, n_embd].
+
+    Each prompt is decoded alone and split as :meth:`Model.generate`
+    decodes a prompt (all but its last token, then the last token), so a
+    row is exactly what generation computes there; an ActAdd built from
+    these rows and applied to a prompt of the same length cancels to float
+    rounding. ``steer`` applies as in generation (windows for each prompt).
+    """
+    eng = model.engine
+    steers = as_steers(steer)
+    eng.check_steers(steers)
+    token_lists = [eng.prompt_tokens(p) for p in prompts]
+    if not token_lists:
+        raise ValueError("no prompts to capture")
+    layer_list = [int(x) for x in layers]
+    if not layer_list:
+        raise ValueError("no layers to capture")
+    for il in layer_list:
+        if not 0 <= il < model.n_layer:
+            raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
+    out: list[npt.NDArray[np.float32]] = []
+    for t in token_lists:
+        if len(t) > eng.ctx.n_batch:
+            raise ValueError(f"a prompt of {len(t)} tokens exceeds n_batch {eng.ctx.n_batch}")
+        with eng.call({0: steers} if steers else {}, {0: len(t)}):
+            ctx = eng.ctx
+            ctx.set_capture_layers(layer_list)
+            try:
+                ctx.clear()
+                rows = []
+                if len(t) > 1:
+                    m = len(t) - 1
+                    head = _core.BatchTokens(list(t[:-1]), list(range(m)), [0] * m, [1] * m)
+                    rows.append(ctx.decode_capture(head, ctx.n_batch))
+                last = _core.BatchTokens([t[-1]], [len(t) - 1], [0], [1])
+                rows.append(ctx.decode_capture(last, ctx.n_batch))
+            finally:
+                ctx.set_capture_layers([])
+        out.append(np.concatenate(rows).astype(np.float32, copy=False))
+    return out
 
 
 def _average_reads(rows: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
@@ -287,8 +343,11 @@ def _capture_rows(
     share_prefixes: bool,
     progress: bool,
     steers: Sequence[Steer] = (),
+    n_prompt: int = 0,
 ) -> list[npt.NDArray[np.float32]]:
-    """Per prompt, the captured rows [n_positions, n_layers, n_embd]."""
+    """Per prompt, the captured rows [n_positions, n_layers, n_embd].
+    ``n_prompt``: the prompt length steering windows are computed for (the
+    shortest prompt: one binding serves every prompt)."""
     ctx = eng.ctx
     n_seq = ctx.n_seq_max if batch_size is None else min(int(batch_size), ctx.n_seq_max)
     if n_seq < 1:
@@ -307,7 +366,7 @@ def _capture_rows(
     # sequences is steered the same way), bound once for all groups.
     per_seq = {s: list(steers) for s in range(n_seq)} if steers else {}
     bar = _progress_bar(sum(len(g[1]) for g in groups), progress)
-    with eng.call(per_seq, dict.fromkeys(per_seq, 0)):
+    with eng.call(per_seq, dict.fromkeys(per_seq, n_prompt)):
         try:
             ctx.set_capture_layers(layers)
             for leaves, nodes in groups:

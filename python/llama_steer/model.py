@@ -18,9 +18,21 @@ from .engine import Engine, Prompt
 from .extraction import Read, capture
 from .sampling import SamplingParams
 from .scoring import ScoreJob, score_jobs, split_at_seam
-from .steer import Steer, SteeringSession, as_steers
+from .steer import Steer, SteeringSession, as_steers, prepare_prompt
 
 Message = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class ConditionResult:
+    """What a conditional Steer's condition decided for one sequence:
+    CAST's similarity of the prompt's hidden state, and whether it held
+    (so the steering applied to the generated tokens)."""
+
+    seq: int
+    steer: Steer
+    similarity: float
+    held: bool
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ class Model:
         if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be an int >= -1, got {n_gpu_layers!r}")
         self._path = Path(path)
+        self._conditions: list[ConditionResult] = []
         self._engine = Engine(
             self._path,
             n_ctx=n_ctx,
@@ -200,18 +213,44 @@ class Model:
         self, token_lists: Sequence[Sequence[int]], steers: Sequence[list[Steer]]
     ) -> tuple[int, SteeringSession]:
         """Begin a call (the lock held): bind sequence i to ``steers[i]`` and
-        decode the prompts (batch row i: the logits after prompt i). Returns
-        the call id and its steering; on failure the steering is undone."""
+        decode the prompts (batch row i: the logits after prompt i). A
+        conditional Steer (CAST) is bound for generated positions and dropped
+        from the sequences whose prompt does not meet its condition, decided
+        on the residual stream captured during the prompt's own decode.
+        Returns the call id and its steering; on failure the steering is undone."""
         eng = self._engine
-        call_id, session = eng.begin(
-            {i: s for i, s in enumerate(steers) if s}, {i: len(t) for i, t in enumerate(token_lists)}
-        )
+        per_seq = {i: s for i, s in enumerate(steers) if s}
+        call_id, session = eng.begin(per_seq, {i: len(t) for i, t in enumerate(token_lists)})
         try:
-            eng.prefill(token_lists)
+            conditional = [(i, s) for i, sl in per_seq.items() for s in sl if s.condition is not None]
+            results: list[ConditionResult] = []
+            if not conditional:
+                eng.prefill(token_lists)
+            else:
+                layers = sorted({s.condition.layer for _, s in conditional})  # type: ignore[union-attr]
+                mean_seqs = {i for i, s in conditional if s.condition.read == "mean"}  # type: ignore[union-attr]
+                cap = eng.prefill(token_lists, layers, mean_seqs)
+                assert cap is not None
+                for i, s in conditional:
+                    cond = s.condition
+                    assert cond is not None
+                    sim = float(cond.similarity(cap.read(i, cond.layer, cond.read)))
+                    held = cond.holds(cap.read(i, cond.layer, cond.read))
+                    results.append(ConditionResult(i, s, sim, held))
+                    if not held:
+                        session.drop(i, s)
+            self._conditions = results
         except BaseException:
             eng.end()
             raise
         return call_id, session
+
+    @property
+    def last_conditions(self) -> list[ConditionResult]:
+        """What the conditions of the latest call decided: one
+        :class:`ConditionResult` (sequence, steer, similarity, held) per
+        conditional Steer and sequence; empty when it had none."""
+        return list(self._conditions)
 
     def capture(
         self,
@@ -232,8 +271,8 @@ class Model:
 
     def logits(self, prompt: Prompt, *, steer: Steer | Sequence[Steer] | None = None) -> npt.NDArray[np.float32]:
         """Next-token logits after ``prompt``: float32 array of shape [n_vocab]."""
-        tokens = self._engine.prompt_tokens(prompt)
         steers = as_steers(steer)
+        tokens = prepare_prompt(self._engine.prompt_tokens(prompt), steers)
         self._engine.check_steers(steers)
         with self._engine.lock:
             self._start([tokens], [steers])
@@ -326,6 +365,7 @@ class Model:
             steer_lists = [as_steers(s) for s in steers]
         for sl in steer_lists:
             self._engine.check_steers(sl)
+        token_lists = [prepare_prompt(t, sl) for t, sl in zip(token_lists, steer_lists)]
         return token_lists, steer_lists
 
     def generate(
@@ -342,8 +382,8 @@ class Model:
         loop leaves the model usable; starting another call ends this one.
         """
         params = SamplingParams.from_kwargs(**sampling)
-        tokens = self._engine.prompt_tokens(prompt)
         steers = as_steers(steer)
+        tokens = prepare_prompt(self._engine.prompt_tokens(prompt), steers)
         # Mistakes surface here, not at the first next().
         self._engine.check_steers(steers)
         return (tok for _, tok in self._run([tokens], [steers], params))
@@ -445,7 +485,7 @@ class Model:
                 active, decode_first = step, True
         finally:
             with eng.lock:
-                session.close()
+                eng.end(session)
 
 
 class _Sequence:

@@ -125,6 +125,10 @@ def score_jobs(
         for s in job.steers:
             if s.scheduled:
                 raise ValueError("scoring takes constant strengths, not a schedule")
+            if s.condition is not None:
+                raise ValueError("scoring takes no conditional steering (a condition gates generated tokens)")
+            if s.actadd is not None and s.actadd.pad_prompt:
+                raise ValueError("scoring takes no ActAdd with pad_prompt (the prompt and continuation are fixed)")
         eng.check_steers(list(job.steers))
     out: list[list[npt.NDArray[np.float64]]] = []
     for group in _groups(jobs, eng.ctx.n_seq_max, eng.n_ctx):

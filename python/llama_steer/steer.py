@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import numpy.typing as npt
 
+from .actadd import ActAdd
+from .conditions import Condition
 from .errors import SteeringError
 from .vectors import ControlVector, check_layer
 
@@ -32,7 +34,10 @@ class Steer:
     """Steer with ``vector`` at ``strength``.
 
     - ``vector``: a :class:`ControlVector`, or a mapping layer -> float32
-      array of length n_embd (layer N is the output of block N, N >= 1).
+      array of length n_embd (layer N is the output of block N, N >= 1), or
+      an :class:`~llama_steer.ActAdd` injection (rows added at prompt
+      positions its ``location`` picks; then ``layers``, ``positions`` and
+      ``mode`` keep their defaults).
     - ``strength``: a number, or a schedule evaluated per decode step ``i``
       (0 for the prompt, i for the i-th generated token's decode): a sequence
       (its last value holds after its end) or a callable ``i -> float``.
@@ -43,16 +48,36 @@ class Steer:
     - ``mode``: ``"add"`` adds ``strength * v``; ``"ablate"`` projects the
       direction of ``v`` out: ``x <- x - strength * r r^T x`` with ``r = v/|v|``
       (strength 1 removes the component entirely).
+    - ``condition``: a :class:`~llama_steer.Condition` (CAST): the steering
+      applies to a sequence's generated tokens only, and only if the
+      condition holds on its prompt (decided once, after the prompt is
+      decoded). ``positions`` must then be ``"all"`` or ``"generated"``.
     """
 
-    vector: ControlVector | Mapping[int, npt.ArrayLike]
+    vector: ControlVector | Mapping[int, npt.ArrayLike] | ActAdd
     strength: Strength = 1.0
     layers: Iterable[int] | None = None
     positions: Positions = "all"
     mode: Literal["add", "ablate"] = "add"
-    _resolved: ControlVector = field(init=False, repr=False, compare=False)
+    condition: Condition | None = None
+    _resolved: ControlVector | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.condition is not None and not isinstance(self.condition, Condition):
+            raise TypeError(f"condition must be a Condition, got {type(self.condition).__name__}")
+        if self.condition is not None and self.positions not in ("all", "generated"):
+            raise ValueError("a conditional Steer acts on generated tokens: positions must be 'all' or 'generated'")
+        if isinstance(self.vector, ActAdd):
+            if self.layers is not None or self.positions != "all" or self.mode != "add":
+                raise ValueError(
+                    "an ActAdd sets its own layer and positions (its location) and only adds: "
+                    "leave layers, positions and mode at their defaults"
+                )
+            if self.condition is not None:
+                raise ValueError("an ActAdd acts on the prompt, before a condition can be decided")
+            object.__setattr__(self, "_resolved", None)
+            self.strength_at(0)
+            return
         vec = self.vector if isinstance(self.vector, ControlVector) else ControlVector(self.vector)
         if self.layers is not None:
             layers = list(self.layers)
@@ -82,8 +107,15 @@ class Steer:
 
     @property
     def control_vector(self) -> ControlVector:
-        """The vector after ``layers`` selection."""
+        """The vector after ``layers`` selection (TypeError for an ActAdd)."""
+        if self._resolved is None:
+            raise TypeError("an ActAdd Steer has rows, not a control vector")
         return self._resolved
+
+    @property
+    def actadd(self) -> ActAdd | None:
+        """The ActAdd injection, or None for a vector."""
+        return self.vector if isinstance(self.vector, ActAdd) else None
 
     def strength_at(self, step: int) -> float:
         """The strength for decode step ``step`` (0 = the prompt)."""
@@ -107,6 +139,11 @@ class Steer:
 
     def window(self, n_prompt: int) -> tuple[int, int]:
         """Positions [p0, p1) steered for a prompt of ``n_prompt`` tokens."""
+        if isinstance(self.vector, ActAdd):
+            p0 = self.vector.start(n_prompt)
+            return p0, p0 + self.vector.n_rows
+        if self.condition is not None:
+            return n_prompt, UNBOUNDED
         if self.positions == "all":
             return 0, UNBOUNDED
         if self.positions == "prompt":
@@ -114,6 +151,15 @@ class Steer:
         if self.positions == "generated":
             return n_prompt, UNBOUNDED
         return self.positions
+
+
+def prepare_prompt(tokens: list[int], steers: Sequence[Steer]) -> list[int]:
+    """The prompt a sequence decodes under ``steers``: padded for an ActAdd
+    with ``pad_prompt`` (see :meth:`ActAdd.prepare_prompt`)."""
+    injections = [s.actadd for s in steers if s.actadd is not None and s.actadd.pad_prompt]
+    if len(injections) > 1:
+        raise ValueError("at most one ActAdd with pad_prompt=True per sequence")
+    return injections[0].prepare_prompt(tokens) if injections else tokens
 
 
 def as_steers(steer: Steer | Sequence[Steer] | None) -> list[Steer]:
@@ -157,6 +203,13 @@ class SteeringSession:
         for b in self._bindings:
             if b.steer.scheduled and (wanted is None or b.seq in wanted):
                 self._ctx.steer_bind(b.seq, b.slot, b.steer.strength_at(step), *b.window)
+
+    def drop(self, seq: int, steer: Steer) -> None:
+        """Unbind ``steer`` from sequence ``seq`` (a condition that did not hold)."""
+        for b in list(self._bindings):
+            if b.seq == seq and b.steer is steer:
+                self._ctx.steer_unbind(b.seq, b.slot)
+                self._bindings.remove(b)
 
     def close(self) -> None:
         """Unbind and clear everything this session wrote (idempotent)."""
@@ -206,13 +259,28 @@ def apply_steering(
 
 
 def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd: int) -> None:
-    """Raise unless every steer fits the model: n_embd, layer range, hooks."""
+    """Raise unless every steer fits the model: n_embd, layer range, hooks
+    (the architecture of an ActAdd: :meth:`Engine.check_steers`)."""
     for s in steers:
-        vec = s.control_vector
-        if vec.n_embd != n_embd:
-            raise ValueError(f"the vector has n_embd {vec.n_embd}, the model {n_embd}: it was made for another model")
-        for layer in vec.layers:
-            check_layer(layer, n_layer)
+        if s.actadd is not None:
+            if s.actadd.n_embd != n_embd:
+                raise ValueError(
+                    f"the ActAdd has n_embd {s.actadd.n_embd}, the model {n_embd}: it was built on another model"
+                )
+            layers = [s.actadd.layer]
+            if not 0 <= s.actadd.layer < n_layer:
+                raise ValueError(f"the ActAdd's layer {s.actadd.layer} is out of range (0..{n_layer - 1})")
+        else:
+            vec = s.control_vector
+            if vec.n_embd != n_embd:
+                raise ValueError(
+                    f"the vector has n_embd {vec.n_embd}, the model {n_embd}: it was made for another model"
+                )
+            layers = [check_layer(layer, n_layer) for layer in vec.layers]
+        if s.condition is not None:
+            s.condition.check_fits(n_layer, n_embd)
+            layers.append(s.condition.layer)
+        for layer in layers:
             if not ctx.steer_layer_hooked(layer):
                 raise SteeringError(
                     f"this model's graph has no steering hook after block {layer}: steering it would do nothing"
@@ -226,6 +294,9 @@ def _write_slot(ctx: _core.Context, slot: int, s: Steer, n_layer: int, n_embd: i
             "(distinct vectors per call); load the Model with more n_steer_slots"
         )
     check_fits(ctx, [s], n_layer, n_embd)
+    if s.actadd is not None:
+        ctx.steer_set_rows(slot, s.actadd.layer, s.actadd.rows)
+        return slot
     for layer, direction in s.control_vector.items():
         if s.mode == "add":
             ctx.steer_set_add(slot, layer, direction)
