@@ -205,3 +205,38 @@ def test_demo_runs(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "unsteered" in r.stdout and "happy +" in r.stdout and "sad -" in r.stdout
     assert png.stat().st_size > 10_000
+
+
+def test_generate_with_actadd_equals_the_python_api(model: ls.Model, tmp_path: Path) -> None:
+    args = ["--actadd", "Love", "Hate", "--paper-layer", "6", "--strength", "5", "-n", "12", "--temp", "0", "-t", "2"]
+    r = run("generate", "I hate you because", *args)
+    assert r.returncode == 0, r.stderr
+    a = ls.ActAdd(model, "Love", "Hate", paper_layer=6)
+    want = model.complete("I hate you because", steer=ls.Steer(a, 5.0), max_tokens=12, temperature=0)
+    assert r.stdout.rstrip("\n") == want
+    assert want != model.complete("I hate you because", max_tokens=12, temperature=0)
+    # a saved injection gives the same text
+    path = tmp_path / "love.gguf"
+    a.save(path)
+    r2 = run("generate", "I hate you because", "--actadd-file", str(path), *args[5:])
+    assert r2.returncode == 0, r2.stderr
+    assert r2.stdout == r.stdout
+
+
+def test_sweep_with_actadd_and_bad_actadd_usage() -> None:
+    r = run(
+        "sweep", "I went up to my friend and said", "--actadd", "Love", "Hate", "--layer", "5",
+        "--strengths=0,5", "-n", "8", "-t", "2",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "+0.00" in r.stdout and "+5.00" in r.stdout
+    for bad in (
+        ["generate", "Hi", "--actadd", "Love", "Hate"],  # no layer
+        ["generate", "Hi", "--layer", "3"],  # a layer without an injection
+        ["generate", "Hi", "--actadd", "Love", "Hate", "--layer", "99"],  # out of range
+        ["generate", "Hi", "--actadd", "Love", "Hate", "--layer", "3", "--location", "sideways"],
+        ["sweep", "Hi"],  # neither --vector nor --actadd
+    ):
+        r = run(*bad, "-n", "2", "-t", "2")
+        assert r.returncode != 0, bad
+        assert "Traceback" not in r.stderr and "error" in r.stderr.lower(), (bad, r.stderr)

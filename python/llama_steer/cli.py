@@ -7,6 +7,7 @@ mistakes print one line and exit non-zero; they never show a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shutil
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .actadd import ActAdd
 from .errors import LlamaSteerError
 from .model import Model
 from .steer import Steer
@@ -54,6 +56,19 @@ def parse_vector_spec(text: str) -> tuple[Path, float]:
     if sep and path and _is_number(strength):
         return Path(path), float(strength)
     return Path(text), 1.0
+
+
+def parse_location(text: str) -> Any:
+    """``front``, ``back`` or a position."""
+    if text in ("front", "back"):
+        return text
+    try:
+        pos = int(text)
+    except ValueError:
+        raise UsageError(f"--location wants front, back or a position, got {text!r}") from None
+    if pos < 0:
+        raise UsageError(f"--location {text}: a position is >= 0")
+    return pos
 
 
 def parse_positions(text: str) -> Any:
@@ -111,7 +126,37 @@ def _steers(args: argparse.Namespace, model: Model) -> list[Steer]:
     for spec in args.ablate or []:  # an ablation strength is the fraction removed: --scale leaves it alone
         vec, strength = _load_vector(spec)
         steers.append(Steer(vec, strength, layers=_clip(layers, vec), positions=args.positions, mode="ablate"))
+    injection = _actadd(args, model)
+    if injection is not None:
+        steers.append(Steer(injection, args.strength * args.scale))
     return steers
+
+
+def _actadd(args: argparse.Namespace, model: Model) -> ActAdd | None:
+    """The ActAdd of ``--actadd POS NEG`` (or ``--actadd-file``), or None."""
+    pair, path = getattr(args, "actadd", None), getattr(args, "actadd_file", None)
+    if pair and path:
+        raise UsageError("give --actadd or --actadd-file, not both")
+    if path:
+        loaded = ActAdd.load(path)
+        return loaded if args.location is None else loaded.at(args.location)
+    if not pair:
+        if args.layer is not None or args.paper_layer is not None:
+            raise UsageError("--layer and --paper-layer place an --actadd injection; there is none")
+        return None
+    if (args.layer is None) == (args.paper_layer is None):
+        raise UsageError(
+            "--actadd needs --layer N (output of block N) or --paper-layer L (the paper's: input of block L)"
+        )
+    return ActAdd(
+        model,
+        pair[0],
+        pair[1],
+        args.layer,
+        paper_layer=args.paper_layer,
+        location=args.location or "front",
+        pad_prompt=args.pad_prompt,
+    )
 
 
 def _clip(layers: range | None, vec: ControlVector) -> list[int] | None:
@@ -160,6 +205,19 @@ def _add_steer_args(p: argparse.ArgumentParser, *, vector_required: bool = False
         help="all, prompt, generated or P0:P1 (default: all)",
     )
     g.add_argument("--ablate", action="append", metavar="FILE[:S]", help="project this direction out (repeatable)")
+    _add_actadd_args(p, strength=True)
+
+
+def _add_actadd_args(p: argparse.ArgumentParser, *, strength: bool) -> None:
+    g = p.add_argument_group("ActAdd (the prompt-pair injection of Turner et al.)")
+    g.add_argument("--actadd", nargs=2, metavar=("POS", "NEG"), help="inject h(POS) - h(NEG) at the prompt's positions")
+    g.add_argument("--actadd-file", metavar="FILE", help="an injection saved with ActAdd.save")
+    g.add_argument("--layer", type=int, default=None, help="our layer: the output of block N")
+    g.add_argument("--paper-layer", type=int, default=None, help="the paper's layer: the input of block L (= our L-1)")
+    if strength:
+        g.add_argument("--strength", type=float, default=1.0, help="the injection's coefficient (default 1)")
+    g.add_argument("--location", type=parse_location, default=None, help="front (default), back or a position")
+    g.add_argument("--pad-prompt", action="store_true", help="pad the prompt after BOS so the rows meet pads")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -251,7 +309,7 @@ def _chat_command(line: str, steers: list[Steer], messages: list[dict[str, str]]
             print(CHAT_HELP, file=sys.stderr)
         elif cmd == "/strength":
             s = float(rest)
-            steers[:] = [Steer(x.control_vector, s, positions=x.positions, mode=x.mode) for x in steers]
+            steers[:] = [dataclasses.replace(x, strength=s) for x in steers]
             print(f"strength {s} for {len(steers)} vector(s)", file=sys.stderr)
         elif cmd == "/vector":
             vec, s = _load_vector(rest)
@@ -262,6 +320,9 @@ def _chat_command(line: str, steers: list[Steer], messages: list[dict[str, str]]
             print("steering off", file=sys.stderr)
         elif cmd == "/show":
             for x in steers:
+                if x.actadd is not None:
+                    print(f"actadd {x.actadd!r} strength {x.strength}", file=sys.stderr)
+                    continue
                 v = x.control_vector
                 print(f"{x.mode} strength {x.strength} layers {v.layers[0]}..{v.layers[-1]}", file=sys.stderr)
             if not steers:
@@ -318,10 +379,16 @@ def separation_table(vec: ControlVector) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     strengths = args.strengths
     with _load(args) as model:
-        vec, base = _load_vector(args.vector)
-        layers = _clip(args.layers, vec)
         prompt = _user_prompt(model, args.prompt, args.chat)
-        steers = [Steer(vec, base * s, layers=layers, positions=args.positions) for s in strengths]
+        injection = _actadd(args, model)
+        if (injection is None) == (args.vector is None):
+            raise UsageError("sweep wants --vector FILE[:S] or --actadd POS NEG (one of them)")
+        if injection is not None:
+            steers = [Steer(injection, s) for s in strengths]
+        else:
+            vec, base = _load_vector(args.vector)
+            layers = _clip(args.layers, vec)
+            steers = [Steer(vec, base * s, layers=layers, positions=args.positions) for s in strengths]
         texts = [""] * len(strengths)
         for i, token in model.generate_batch([prompt] * len(strengths), steers, **_sampling(args)):
             texts[i] += token.text
@@ -522,12 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="one prompt at several strengths, decoded together in one batch")
     p.add_argument("prompt")
-    p.add_argument("--vector", required=True, metavar="FILE[:S]")
+    p.add_argument("--vector", metavar="FILE[:S]", help="control vector (or --actadd)")
     p.add_argument("--strengths", type=parse_strengths, default=parse_strengths("-8,-4,0,4,8"), metavar="S,S,...")
     p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B")
     p.add_argument("--positions", type=parse_positions, default="all", metavar="WHICH")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
     p.add_argument("--plot", help="write the sweep as a PNG table")
+    _add_actadd_args(p, strength=False)
     _add_sampling_args(p, max_tokens=64)
     p.set_defaults(temperature=0.0)
     _add_model_args(p)
