@@ -146,3 +146,26 @@ def test_the_core_refuses_two_threads_in_one_context(model: ls.Model) -> None:
     assert errors, "two threads decoding at once never collided"
     assert all("another thread" in str(e) for e in errors)
     assert model.complete("Hi", max_tokens=3, temperature=0)
+
+
+def test_ctrl_c_inside_generate_leaves_the_model_usable(model: ls.Model) -> None:
+    """SIGINT while the native decode runs: KeyboardInterrupt reaches Python,
+    the call's steering is undone, and the next call answers as before."""
+    import os
+    import signal
+
+    rng = np.random.default_rng(5)
+    vec = ls.ControlVector({il: rng.standard_normal(model.n_embd).astype(np.float32) for il in (4, 5, 6)})
+    before = model.complete("Once upon a time", max_tokens=10, temperature=0)
+    interrupted = 0
+    for delay in (0.01, 0.05, 0.1):
+        timer = threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            model.complete("Tell me a long story.", max_tokens=400, temperature=0, steer=ls.Steer(vec, 3.0))
+        except KeyboardInterrupt:
+            interrupted += 1
+        timer.join()
+        assert model.engine.session is None
+        assert model.complete("Once upon a time", max_tokens=10, temperature=0) == before
+    assert interrupted == 3

@@ -57,6 +57,9 @@ class Model:
     defaults to every core, ``n_gpu_layers`` offloads layers on a CUDA or
     Metal build. Use as a context manager or call :meth:`close`; after that
     every method raises :class:`~llama_steer.errors.ClosedError`.
+
+    Safe to share between threads: every call holds the model's lock (a
+    streamed generation, one step at a time; see :attr:`lock`).
     """
 
     def __init__(
