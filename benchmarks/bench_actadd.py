@@ -11,8 +11,8 @@
    prompt's own decode; logits with a condition (mean read) vs without.
 
 Runs are interleaved, repeated, and each comparison is the median of the
-paired ratios (variant / reference of the same repetition) with their
-min..max spread.
+paired speed ratios (reference time / variant time of the same repetition:
+above 1, the variant is faster) with their min..max spread.
 
     python benchmarks/bench_actadd.py [--threads 2] [--reps 7] [--model smollm2-135m]
 """

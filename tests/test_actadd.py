@@ -68,31 +68,43 @@ def test_strength_zero_and_outside_the_window_are_bit_identical(model: ls.Model)
     n = len(model.tokenize(prompt))
     base = model.logits(prompt)
     np.testing.assert_array_equal(model.logits(prompt, steer=ls.Steer(a, 0.0)), base)
-    # front: the rows cover positions 0..T-1 only; the last prompt token is outside
-    assert a.n_rows < n
-    tokens_all = model.capture([prompt], [6, 20], read="mean")
-    steered = model.capture([prompt], [6, 20], read=lambda t: list(range(a.n_rows, len(t))), steer=ls.Steer(a, 5.0))
-    assert not np.array_equal(steered, tokens_all)
-    # rows at the back: everything before the window is untouched
-    back = a.at("back")
-    before = model.capture([prompt], [6], read=lambda t: list(range(n - back.n_rows)), steer=ls.Steer(a.at(0), 0.0))
-    before_b = model.capture([prompt], [6], read=lambda t: list(range(n - back.n_rows)))
-    np.testing.assert_array_equal(before, before_b)
-    # the injection changes the prompt's logits through the cache, and generation
     assert not np.array_equal(model.logits(prompt, steer=ls.Steer(a, 5.0)), base)
+    # Rows at an offset: positions before the window are bit-identical (the
+    # model is causal, and nothing is added there), those in it are not.
+    at = a.at(4)
+    assert 4 + at.n_rows < n
+    (plain,) = capture_positions(model, [prompt], [6, 20])
+    (steered,) = capture_positions(model, [prompt], [6, 20], steer=ls.Steer(at, 5.0))
+    np.testing.assert_array_equal(steered[:4], plain[:4])
+    for i in range(4, 4 + at.n_rows):
+        if not np.array_equal(at.rows[i - 4], 0):  # a row of zeros (a shared token) adds nothing
+            assert not np.array_equal(steered[i, 0], plain[i, 0]), i
+    # "back": the rows end at the last prompt token
+    back = a.at("back")
+    (steered_b,) = capture_positions(model, [prompt], [6], steer=ls.Steer(back, 5.0))
+    np.testing.assert_array_equal(steered_b[: n - back.n_rows], plain[: n - back.n_rows, :1])
+    np.testing.assert_allclose(steered_b[n - 1, 0], plain[n - 1, 0] + 5.0 * back.rows[-1], rtol=1e-5, atol=1e-3)
 
 
 def test_generated_tokens_feel_it_only_through_the_cache(model: ls.Model) -> None:
-    """Rows cover prompt positions: decoding a generated token adds nothing,
-    so an ActAdd run equals a run whose prompt rows are applied and then
-    removed before generation."""
+    """Rows cover prompt positions only: a generated token's own residual
+    gets nothing. Decoding prompt + a generated token under the injection
+    equals decoding it with the injection's window ending at the prompt."""
     a = ls.ActAdd(model, "Love", "Hate", 6)
     prompt = "I hate you because"
     n = len(model.tokenize(prompt))
-    # window of the rows: [0, T) within the prompt
     assert ls.Steer(a, 5.0).window(n) == (0, a.n_rows)
     text = model.complete(prompt, steer=ls.Steer(a, 5.0), max_tokens=16, temperature=0)
     assert text != model.complete(prompt, max_tokens=16, temperature=0)
+    # a longer text: the generated-token positions (>= T) read the zero row
+    longer = model.tokenize(prompt) + model.tokenize(text, add_special=False)[:3]
+    (steered,) = capture_positions(model, [longer], [6, 20], steer=ls.Steer(a, 5.0))
+    (plain,) = capture_positions(model, [longer], [6, 20])
+    np.testing.assert_allclose(steered[: a.n_rows, 0], plain[: a.n_rows, 0] + 5.0 * a.rows, rtol=1e-5, atol=1e-3)
+    # at the injection layer, positions past the window get nothing (bit-identical) ...
+    np.testing.assert_array_equal(steered[a.n_rows :, 0], plain[a.n_rows :, 0])
+    # ... and deeper down they change, through the cache only
+    assert not np.array_equal(steered[n:, 1], plain[n:, 1])
 
 
 def test_batch_mixes_actadd_vector_and_nothing(model: ls.Model) -> None:
@@ -102,7 +114,6 @@ def test_batch_mixes_actadd_vector_and_nothing(model: ls.Model) -> None:
     prompts = ["I hate you because", "The weather today is", "Once upon a time"]
     steers = [ls.Steer(a, 5.0), ls.Steer(v, 2.0), None]
     batch = model.logits_batch(prompts, steers)
-    np.testing.assert_array_equal(batch[2], model.logits_batch(prompts, [steers[0], steers[1], None])[2])
     np.testing.assert_array_equal(batch[2], model.logits_batch(prompts, None)[2])
     np.testing.assert_allclose(batch[0], model.logits(prompts[0], steer=steers[0]), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(batch[1], model.logits(prompts[1], steer=steers[1]), rtol=1e-4, atol=1e-3)
@@ -131,7 +142,8 @@ def test_locations_and_paper_layer(model: ls.Model) -> None:
         assert prepared == ids[:1] + [padded.pad_token] * (T - 1) + ids[1:]
     else:  # SmolLM2 adds no BOS: T pads first
         assert prepared == [padded.pad_token] * T + ids
-    assert model.complete("Hi", steer=ls.Steer(padded, 4.0), max_tokens=4, temperature=0) is not None
+    plain = model.complete("Hi", max_tokens=6, temperature=0)
+    assert model.complete("Hi", steer=ls.Steer(padded, 8.0), max_tokens=6, temperature=0) != plain
     with pytest.raises(ValueError, match="paper layer 0"):
         ls.ActAdd(model, "Love", "Hate", paper_layer=0)
 
@@ -169,6 +181,16 @@ def test_save_load_round_trip(model: ls.Model, tmp_path: Path) -> None:
         ls.ActAdd.load(tmp_path / "missing.gguf")
 
 
+def test_same_vector_twice_on_one_sequence_composes(model: ls.Model) -> None:
+    rng = np.random.default_rng(4)
+    v = ls.ControlVector({il: rng.standard_normal(model.n_embd).astype(np.float32) for il in (4, 5, 6)})
+    prompt = "The weather today is"
+    both = model.logits(prompt, steer=[ls.Steer(v, 1.0), ls.Steer(v, 2.0)])
+    np.testing.assert_allclose(both, model.logits(prompt, steer=ls.Steer(v, 3.0)), rtol=1e-4, atol=2e-3)
+    a = ls.ActAdd(model, "Love", "Hate", 6)
+    assert ls.Steer(a, [5.0, 0.0]).strength == (5.0, 0.0)  # schedules work for injections too
+
+
 def test_bad_input_gives_clear_errors_and_the_model_stays_usable(model: ls.Model, gemma: ls.Model) -> None:
     before = model.logits("Hello")
     with pytest.raises(ValueError, match="tokenizes to nothing"):
@@ -185,7 +207,7 @@ def test_bad_input_gives_clear_errors_and_the_model_stays_usable(model: ls.Model
     with pytest.raises(ValueError, match="another model|n_embd"):
         gemma.logits("Hello", steer=ls.Steer(a, 1.0))
     with pytest.raises(ValueError, match="does not fit"):
-        model.complete("Hi"[:1], steer=ls.Steer(a.at(5), 1.0), max_tokens=2)
+        model.generate("Hi", steer=ls.Steer(a.at(5), 1.0), max_tokens=2)  # at the call, not the first token
     with pytest.raises(ValueError, match="leave layers"):
         ls.Steer(a, 1.0, layers=[6])
     # two injections overlapping on one sequence: refused by the buffer

@@ -108,9 +108,23 @@ def test_close_from_another_thread_waits_for_the_running_call(model_path: Any) -
     m = ls.Model(model_path, n_ctx=512, n_threads=2)
     gen = m.generate("Once upon a time", max_tokens=200, temperature=0)
     next(gen)
+    held, release = threading.Event(), threading.Event()
+
+    def busy() -> None:  # a call in progress: holds the model's lock
+        with m.lock:
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    held.wait(30)
     closer = threading.Thread(target=m.close)
     closer.start()
-    closer.join()
+    closer.join(timeout=0.5)
+    assert closer.is_alive() and not m.closed, "close() did not wait for the call holding the model"
+    release.set()
+    closer.join(30)
+    worker.join(30)
     assert m.closed
     with pytest.raises(ls.ClosedError):
         next(gen)

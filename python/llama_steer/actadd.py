@@ -227,11 +227,12 @@ class ActAdd:
             return tokens[:1] + [self.pad_token] * (self.n_rows - 1) + tokens[1:]
         return [self.pad_token] * self.n_rows + tokens
 
-    def check_fits(self, n_layer: int, n_embd: int, arch: str) -> None:
-        """Raise unless this injection was built for a model like this one."""
+    def check_fits(self, n_layer: int, n_embd: int, arch: str | None = None) -> None:
+        """Raise ValueError unless this injection was built for a model like
+        this one (width, depth, and ``arch`` when given)."""
         if self.n_embd != n_embd:
             raise ValueError(f"the ActAdd has n_embd {self.n_embd}, the model {n_embd}: it was built on another model")
-        if self.arch != arch:
+        if arch is not None and self.arch != arch:
             raise ValueError(f"the ActAdd was built on a {self.arch!r} model, this one is {arch!r}")
         _check_layer(self.layer, n_layer)
 
@@ -298,10 +299,11 @@ class ActAdd:
             raise VectorFileError(f"{path}: {_TENSOR} is empty or has NaN/inf")
         if hashlib.sha256(rows.tobytes()).hexdigest() != field("sha256"):
             raise VectorFileError(f"{path}: the rows do not match their recorded hash (corrupt file)")
-        loc = str(field("location"))
-        location: Location = loc if loc in ("front", "back") else int(loc)  # type: ignore[assignment]
         out = cls.__new__(cls)
         try:
+            loc = str(field("location"))
+            location: Location = loc if loc in ("front", "back") else int(loc)  # type: ignore[assignment]
+            _check_location(location)
             out._set(
                 rows,
                 int(field("layer")),  # type: ignore[call-overload]

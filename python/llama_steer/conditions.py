@@ -58,7 +58,7 @@ def similarity(h: npt.ArrayLike, direction: npt.ArrayLike) -> npt.NDArray[np.flo
     return np.asarray(out, dtype=np.float64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds an array: compared by identity
 class Condition:
     """Steer only when the prompt matches: ``similarity(h, vector) > threshold``
     (``compare="above"``) or ``<`` (``"below"``), with ``h`` the prompt's hidden
@@ -66,7 +66,12 @@ class Condition:
 
     ``vector`` is a float32 [n_embd] direction (a ``ControlVector``'s layer, a
     :func:`find_condition` result, or your own). ``f1`` is set by
-    :func:`find_condition` (the held-out F1 it reached).
+    :func:`find_condition`: the F1 on the split it chose the threshold on,
+    so optimistic; ``benchmarks/cast_topics.py`` measures prompts it never saw.
+
+    The hidden state is read where steering has already acted: other
+    (unconditional) Steers or an ActAdd on the same sequence change it, and
+    thresholds found on unsteered prompts may then not carry over.
     """
 
     vector: npt.ArrayLike
@@ -155,7 +160,9 @@ def find_condition(
     hidden states (unit norm). On the held-out part, every layer x compare x
     threshold (midpoints between sorted similarities) is scored by F1 with
     ``matching`` as the positive class; the best is returned with its F1
-    (ties: the earlier layer). One capture pass over all prompts.
+    (ties: the earlier layer). That F1 is measured on the split the
+    threshold was chosen on, so it is optimistic: test the condition on
+    prompts the search never saw. One capture pass over all prompts.
     """
     match_list, other_list = [str(p) for p in matching], [str(p) for p in other]
     if len(match_list) < 2 or len(other_list) < 2:

@@ -167,6 +167,8 @@ class Engine:
         if self._steering is not None:
             self._steering.close()
             self._steering = None
+        if self._ctx is not None and self._ctx.capture_layers:
+            self._ctx.set_capture_layers([])  # left on by an interrupted capture
 
     @contextlib.contextmanager
     def call(
@@ -195,7 +197,7 @@ class Engine:
         self,
         token_lists: Sequence[Sequence[int]],
         capture_layers: Sequence[int] = (),
-        mean_seqs: Collection[int] = (),
+        all_rows: Collection[int] = (),
     ) -> PrefillCapture | None:
         """Decode prompts (sequence i gets ``token_lists[i]``) into a cleared
         cache; afterwards batch row i holds the logits after prompt i.
@@ -206,11 +208,13 @@ class Engine:
         numbers the same whether it runs alone or beside others (a sweep in
         one batch gives the texts of separate runs).
 
-        With ``capture_layers``, the same decode also captures each prompt's
-        residual stream there: its last token's, and for the sequences in
-        ``mean_seqs`` the mean over all its tokens. The batches are split
-        exactly as without capture, and the KV cache is the same, so what is
-        generated afterwards does not change.
+        With ``capture_layers``, the same decode also captures the residual
+        stream there: each prompt's last token, and every token of the
+        sequences in ``all_rows``. The KV cache is the same as without
+        capture, so what is generated afterwards does not change; a prompt
+        of up to 65 tokens is also split exactly as without capture (longer
+        ones in ``all_rows`` are decoded 64 tokens at a time: each output
+        row costs llama.cpp a logits row, and its buffer never shrinks).
         """
         ctx = self.ctx
         total = sum(len(t) for t in token_lists)
@@ -218,46 +222,56 @@ class Engine:
             raise ContextOverflowError(f"the prompts hold {total} tokens; the context holds {ctx.n_ctx}")
         ctx.clear()
         n = len(token_lists)
-        if not capture_layers:
-            for i, t in enumerate(token_lists):
-                if len(t) > 1:
-                    m = len(t) - 1
-                    ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(m)), [i] * m, [0] * m))
-            ctx.decode_step([t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(n)))
-            return None
-        sums: dict[int, npt.NDArray[np.float64]] = {}
-        ctx.set_capture_layers(list(capture_layers))
+        heads: dict[int, npt.NDArray[np.float32]] = {}
+        if capture_layers:
+            ctx.set_capture_layers(list(capture_layers))
         try:
             for i, t in enumerate(token_lists):
                 if len(t) > 1:
                     m = len(t) - 1
-                    if i in mean_seqs:
+                    if capture_layers and i in all_rows:
                         batch = _core.BatchTokens(list(t[:-1]), list(range(m)), [i] * m, [1] * m)
-                        sums[i] = ctx.decode_capture(batch, ctx.n_batch).sum(axis=0, dtype=np.float64)
+                        heads[i] = np.asarray(ctx.decode_capture(batch, _MAX_CAPTURE_OUTPUTS), dtype=np.float32)
                     else:
                         ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(m)), [i] * m, [0] * m))
-            last_batch = _core.BatchTokens(
-                [t[-1] for t in token_lists], [len(t) - 1 for t in token_lists], list(range(n)), [1] * n
-            )
-            last = np.asarray(ctx.decode_capture(last_batch, ctx.n_batch), dtype=np.float32)
+            pos = [len(t) - 1 for t in token_lists]
+            if not capture_layers:
+                ctx.decode_step([t[-1] for t in token_lists], pos, list(range(n)))
+                return None
+            last_batch = _core.BatchTokens([t[-1] for t in token_lists], pos, list(range(n)), [1] * n)
+            last = np.asarray(ctx.decode_capture(last_batch, max(n, _MAX_CAPTURE_OUTPUTS)), dtype=np.float32)
         finally:
-            ctx.set_capture_layers([])
-        mean = {i: ((sums.get(i, 0.0) + last[i]) / len(token_lists[i])).astype(np.float32) for i in set(mean_seqs)}
-        return PrefillCapture(list(capture_layers), last, mean)
+            if capture_layers and not self.closed:
+                ctx.set_capture_layers([])
+        return PrefillCapture(list(capture_layers), last, heads)
+
+
+# Output rows per decode chunk while capturing (see Engine.prefill).
+_MAX_CAPTURE_OUTPUTS = 64
 
 
 class PrefillCapture:
     """Residual streams captured while prompts were decoded (:meth:`Engine.prefill`)."""
 
     def __init__(
-        self, layers: list[int], last: npt.NDArray[np.float32], mean: dict[int, npt.NDArray[np.float32]]
+        self, layers: list[int], last: npt.NDArray[np.float32], heads: dict[int, npt.NDArray[np.float32]]
     ) -> None:
         self.layers = layers
         self._last = last  # [n_seq, n_layers, n_embd]
-        self._mean = mean  # seq -> [n_layers, n_embd]
+        self._heads = heads  # seq -> [n_tokens - 1, n_layers, n_embd]
+
+    def rows(self, seq: int) -> npt.NDArray[np.float32]:
+        """Every captured row of ``seq`` (it must have been in ``all_rows``): [n_tokens, n_layers, n_embd]."""
+        last = self._last[seq : seq + 1]
+        head = self._heads.get(seq)
+        return last if head is None else np.concatenate([head, last])
 
     def read(self, seq: int, layer: int, how: str) -> npt.NDArray[np.float32]:
-        """Sequence ``seq``'s hidden state [n_embd] at ``layer``: ``"last"`` or ``"mean"``."""
+        """Sequence ``seq``'s hidden state [n_embd] at ``layer``: ``"last"``
+        or ``"mean"`` (over its tokens; the sequence must be in ``all_rows``)."""
         j = self.layers.index(layer)
-        row: npt.NDArray[np.float32] = self._mean[seq][j] if how == "mean" else self._last[seq, j]
-        return row
+        if how == "last":
+            row: npt.NDArray[np.float32] = self._last[seq, j]
+            return row
+        mean: npt.NDArray[np.float32] = self.rows(seq)[:, j].mean(axis=0, dtype=np.float64).astype(np.float32)
+        return mean

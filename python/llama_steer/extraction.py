@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
 from .errors import DatasetError, LlamaSteerError
 from .steer import Steer, as_steers
 from .tokens import TokenBatch, common_prefix_len
@@ -275,11 +274,11 @@ def capture_positions(
     """Residual stream at every position of each prompt: per prompt float32
     [n_tokens, n_layers, n_embd].
 
-    Each prompt is decoded alone and split as :meth:`Model.generate`
-    decodes a prompt (all but its last token, then the last token), so a
-    row is exactly what generation computes there; an ActAdd built from
-    these rows and applied to a prompt of the same length cancels to float
-    rounding. ``steer`` applies as in generation (windows for each prompt).
+    Each prompt is decoded alone by :meth:`Engine.prefill`, as
+    :meth:`Model.generate` decodes a prompt, so a row is exactly what
+    generation computes there (prompts up to 65 tokens): an ActAdd built
+    from these rows and applied to a prompt of the same length cancels to
+    float rounding. ``steer`` applies as in generation.
     """
     eng = model.engine
     steers = as_steers(steer)
@@ -295,23 +294,10 @@ def capture_positions(
             raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
     out: list[npt.NDArray[np.float32]] = []
     for t in token_lists:
-        if len(t) > eng.ctx.n_batch:
-            raise ValueError(f"a prompt of {len(t)} tokens exceeds n_batch {eng.ctx.n_batch}")
         with eng.call({0: steers} if steers else {}, {0: len(t)}):
-            ctx = eng.ctx
-            ctx.set_capture_layers(layer_list)
-            try:
-                ctx.clear()
-                rows = []
-                if len(t) > 1:
-                    m = len(t) - 1
-                    head = _core.BatchTokens(list(t[:-1]), list(range(m)), [0] * m, [1] * m)
-                    rows.append(ctx.decode_capture(head, ctx.n_batch))
-                last = _core.BatchTokens([t[-1]], [len(t) - 1], [0], [1])
-                rows.append(ctx.decode_capture(last, ctx.n_batch))
-            finally:
-                ctx.set_capture_layers([])
-        out.append(np.concatenate(rows).astype(np.float32, copy=False))
+            cap = eng.prefill([t], layer_list, all_rows={0})
+        assert cap is not None
+        out.append(cap.rows(0))
     return out
 
 

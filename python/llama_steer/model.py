@@ -232,7 +232,7 @@ class Model:
             else:
                 layers = sorted({s.condition.layer for _, s in conditional})  # type: ignore[union-attr]
                 mean_seqs = {i for i, s in conditional if s.condition.read == "mean"}  # type: ignore[union-attr]
-                cap = eng.prefill(token_lists, layers, mean_seqs)
+                cap = eng.prefill(token_lists, layers, all_rows=mean_seqs)
                 assert cap is not None
                 for i, s in conditional:
                     cond = s.condition
@@ -250,9 +250,11 @@ class Model:
 
     @property
     def last_conditions(self) -> list[ConditionResult]:
-        """What the conditions of the latest call decided: one
-        :class:`ConditionResult` (sequence, steer, similarity, held) per
-        conditional Steer and sequence; empty when it had none."""
+        """What the conditions of the latest generate/logits call on this
+        model (from any thread) decided: one :class:`ConditionResult`
+        (sequence, steer, similarity, held) per conditional Steer and
+        sequence; empty when it had none. Read it under :attr:`lock` when
+        several threads share the model."""
         return list(self._conditions)
 
     def capture(
@@ -437,9 +439,10 @@ class Model:
         between ends this one: the next step raises SupersededError."""
         eng = self._engine
         model, n_vocab = eng.model, eng.n_vocab
-        with eng.lock:
-            call_id, session = self._start(token_lists, steers)
+        session: SteeringSession | None = None
         try:
+            with eng.lock:
+                call_id, session = self._start(token_lists, steers)
             seqs = [
                 _Sequence(i, len(t), params.with_seed_offset(i).make_sampler(n_vocab), _TextStream(params.stop))
                 for i, t in enumerate(token_lists)
@@ -487,8 +490,9 @@ class Model:
                 yield from out
                 active, decode_first = step, True
         finally:
-            with eng.lock:
-                eng.end(session)
+            if session is not None:
+                with eng.lock:
+                    eng.end(session)
 
 
 class _Sequence:

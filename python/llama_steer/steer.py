@@ -63,6 +63,10 @@ class Steer:
     _resolved: ControlVector | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.strength, (list, tuple, np.ndarray)):
+            if len(self.strength) == 0:
+                raise ValueError("a strength schedule needs at least one value")
+            object.__setattr__(self, "strength", tuple(float(s) for s in self.strength))
         if self.condition is not None and not isinstance(self.condition, Condition):
             raise TypeError(f"condition must be a Condition, got {type(self.condition).__name__}")
         if self.condition is not None and self.positions not in ("all", "generated"):
@@ -99,10 +103,6 @@ class Steer:
             if p0 < 0 or (p1 != UNBOUNDED and p1 <= p0):
                 raise ValueError(f"position window ({p0}, {p1}) is empty or negative")
             object.__setattr__(self, "positions", (p0, p1))
-        if isinstance(self.strength, (list, tuple, np.ndarray)):
-            if len(self.strength) == 0:
-                raise ValueError("a strength schedule needs at least one value")
-            object.__setattr__(self, "strength", tuple(float(s) for s in self.strength))
         self.strength_at(0)  # validates numbers and callables early
 
     @property
@@ -155,11 +155,16 @@ class Steer:
 
 def prepare_prompt(tokens: list[int], steers: Sequence[Steer]) -> list[int]:
     """The prompt a sequence decodes under ``steers``: padded for an ActAdd
-    with ``pad_prompt`` (see :meth:`ActAdd.prepare_prompt`)."""
+    with ``pad_prompt`` (see :meth:`ActAdd.prepare_prompt`). Every steer's
+    window is computed here, so an injection that does not fit the prompt
+    raises when the call is made, not at the first token."""
     injections = [s.actadd for s in steers if s.actadd is not None and s.actadd.pad_prompt]
     if len(injections) > 1:
         raise ValueError("at most one ActAdd with pad_prompt=True per sequence")
-    return injections[0].prepare_prompt(tokens) if injections else tokens
+    out = injections[0].prepare_prompt(tokens) if injections else tokens
+    for s in steers:
+        s.window(len(out))
+    return out
 
 
 def as_steers(steer: Steer | Sequence[Steer] | None) -> list[Steer]:
@@ -215,12 +220,11 @@ class SteeringSession:
         """Unbind and clear everything this session wrote (idempotent)."""
         if not self._open:
             return
-        self._open = False
-        if self._ctx.closed or not (self._slots or self._bindings):
-            return
-        self._ctx.steer_unbind(-1, -1)
-        for slot in self._slots:
-            self._ctx.steer_clear(slot)
+        if not self._ctx.closed and (self._slots or self._bindings):
+            self._ctx.steer_unbind(-1, -1)
+            for slot in self._slots:
+                self._ctx.steer_clear(slot)
+        self._open = False  # only now: an interrupt above leaves close() to be retried
 
 
 def apply_steering(
@@ -236,14 +240,19 @@ def apply_steering(
     strengths costs one slot. On any error everything written is undone.
     """
     session = SteeringSession(ctx)
-    slots: dict[tuple[int, tuple[int, ...] | None, str], int] = {}
+    slots: dict[tuple[int, tuple[int, ...] | None, str, int], int] = {}
     try:
         for seq, steers in per_seq.items():
+            seen: dict[tuple[int, tuple[int, ...] | None, str], int] = {}
             for s in steers:
                 # The vector the user passed (not the per-Steer layer
                 # selection) names the slot, so Steer(v, s, layers=L) for
-                # many s is one slot.
-                key = (id(s.vector), None if s.layers is None else tuple(s.layers), s.mode)
+                # many s across sequences is one slot. A second Steer of the
+                # same vector on one sequence takes another slot: a
+                # (sequence, slot) pair has one binding, and both must apply.
+                base = (id(s.vector), None if s.layers is None else tuple(s.layers), s.mode)
+                seen[base] = seen.get(base, -1) + 1
+                key = (*base, seen[base])
                 if key not in slots:
                     slots[key] = len(slots)
                     if slots[key] < ctx.steer_n_slots:
@@ -263,13 +272,8 @@ def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd
     (the architecture of an ActAdd: :meth:`Engine.check_steers`)."""
     for s in steers:
         if s.actadd is not None:
-            if s.actadd.n_embd != n_embd:
-                raise ValueError(
-                    f"the ActAdd has n_embd {s.actadd.n_embd}, the model {n_embd}: it was built on another model"
-                )
+            s.actadd.check_fits(n_layer, n_embd)
             layers = [s.actadd.layer]
-            if not 0 <= s.actadd.layer < n_layer:
-                raise ValueError(f"the ActAdd's layer {s.actadd.layer} is out of range (0..{n_layer - 1})")
         else:
             vec = s.control_vector
             if vec.n_embd != n_embd:
@@ -294,6 +298,7 @@ def _write_slot(ctx: _core.Context, slot: int, s: Steer, n_layer: int, n_embd: i
             "(distinct vectors per call); load the Model with more n_steer_slots"
         )
     check_fits(ctx, [s], n_layer, n_embd)
+    ctx.steer_clear(slot)  # whatever an interrupted call may have left in it
     if s.actadd is not None:
         ctx.steer_set_rows(slot, s.actadd.layer, s.actadd.rows)
         return slot
