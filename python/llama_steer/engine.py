@@ -114,6 +114,10 @@ class Engine:
     def n_ctx(self) -> int:
         return int(self.ctx.n_ctx)
 
+    @property
+    def arch(self) -> str:
+        return str(self.model.meta("general.architecture"))
+
     # -- text -----------------------------------------------------------------
     def prompt_tokens(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: a str (BOS added, chat markup parsed) or ids.
@@ -136,10 +140,9 @@ class Engine:
         architecture an ActAdd was built on)."""
         with self.lock:  # reads the context's hook table
             check_fits(self.ctx, steers, self.n_layer, self.n_embd)
-        arch = str(self.model.meta("general.architecture"))
         for s in steers:
             if s.actadd is not None:
-                s.actadd.check_fits(self.n_layer, self.n_embd, arch)
+                s.actadd.check_fits(self.n_layer, self.n_embd, self.arch)
 
     # -- the call protocol ----------------------------------------------------
     def begin(self, per_seq: Mapping[int, Sequence[Steer]], n_prompt: Mapping[int, int]) -> tuple[int, SteeringSession]:

@@ -155,27 +155,27 @@ class Model:
     @property
     def n_layer(self) -> int:
         """Number of transformer blocks."""
-        return int(self._m.n_layer)
+        return self._engine.n_layer
 
     @property
     def n_embd(self) -> int:
         """Width of the residual stream (a steering vector's length)."""
-        return int(self._m.n_embd)
+        return self._engine.n_embd
 
     @property
     def n_vocab(self) -> int:
         """Vocabulary size (the length of a logits row)."""
-        return int(self._m.n_vocab)
+        return self._engine.n_vocab
 
     @property
     def n_ctx(self) -> int:
         """Tokens the context holds (llama.cpp pads the asked size to a multiple of 256)."""
-        return int(self._c.n_ctx)
+        return self._engine.n_ctx
 
     @property
     def arch(self) -> str:
         """The GGUF's ``general.architecture`` (``"llama"``, ``"gemma3"``, ...)."""
-        return str(self._m.meta("general.architecture"))
+        return self._engine.arch
 
     @property
     def name(self) -> str:
