@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from .errors import SteeringError, VectorFileError
+from .vectors import open_gguf
 
 if TYPE_CHECKING:
     from .model import Model
@@ -274,10 +275,16 @@ class ActAdd:
         path = Path(path)
         if not path.is_file():
             raise VectorFileError(f"no such ActAdd file: {path}")
+        r = open_gguf(path)
         try:
-            r = gguf.GGUFReader(str(path))
-        except Exception as exc:  # gguf raises ValueError, struct.error, ...
-            raise VectorFileError(f"{path}: not a GGUF file ({exc})") from exc
+            return cls._from_reader(r, path, gguf)
+        except VectorFileError:
+            raise
+        except Exception as exc:  # a malformed field (bad UTF-8, wrong type, ...) the reader accepted lazily
+            raise VectorFileError(f"{path}: malformed ActAdd file ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_reader(cls, r: Any, path: Path, gguf: Any) -> ActAdd:
 
         def field(name: str) -> object:
             f = r.fields.get(_KEY + name)

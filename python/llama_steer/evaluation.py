@@ -168,7 +168,10 @@ def _read_source(path_or_name: str | os.PathLike[str]) -> tuple[str, str, str]:
     if not path.is_file():
         raise DatasetError(f"no such A/B dataset file: {path}")
     name = path.stem[: -len("_ab")] if path.stem.endswith("_ab") else path.stem
-    return path.read_text(encoding="utf-8"), str(path), name
+    try:
+        return path.read_text(encoding="utf-8"), str(path), name
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc})") from exc
 
 
 def _as_dataset(dataset: DatasetLike) -> ABDataset:

@@ -59,6 +59,15 @@ def load_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"no such pairs file: {path}")
+    try:
+        return _load_pairs(path)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc})") from exc
+    except csv.Error as exc:
+        raise DatasetError(f"{path}: malformed CSV ({exc})") from exc
+
+
+def _load_pairs(path: Path) -> list[Pair]:
     pairs: list[Pair] = []
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -251,10 +252,16 @@ class ControlVector:
         path = Path(path)
         if not path.is_file():
             raise VectorFileError(f"no such control-vector file: {path}")
+        reader = open_gguf(path)
         try:
-            reader = gguf.GGUFReader(path)
-        except Exception as exc:  # gguf raises ValueError, struct.error, ... on bad files
-            raise VectorFileError(f"{path}: not a readable GGUF file ({exc})") from exc
+            return cls._from_reader(reader, path, gguf)
+        except VectorFileError:
+            raise
+        except Exception as exc:  # a malformed field or tensor the reader accepted lazily
+            raise VectorFileError(f"{path}: malformed control-vector file ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_reader(cls, reader: Any, path: Path, gguf: Any) -> ControlVector:
         arch_field = reader.fields.get("general.architecture")
         arch = _field_str(arch_field) if arch_field is not None else ""
         if arch != "controlvector":
@@ -281,6 +288,37 @@ class ControlVector:
             return cls(dirs, hint)
         except ValueError as exc:
             raise VectorFileError(f"{path}: {exc}") from exc
+
+
+# GGUF header: magic, u32 version, u64 tensor count, u64 metadata count.
+_GGUF_HEADER = struct.Struct("<4sIQQ")
+
+
+def open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` of a small GGUF (a control vector, an ActAdd).
+
+    The header's counts are checked against the file size first (each
+    metadata pair takes at least 12 bytes, each tensor entry 24), so a
+    corrupt count cannot make the reader allocate without bound; any failure
+    of the reader is a :class:`VectorFileError`."""
+    import gguf
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(_GGUF_HEADER.size)
+    if len(head) < _GGUF_HEADER.size:
+        raise VectorFileError(f"{path}: not a GGUF file (too short)")
+    magic, version, n_tensors, n_kv = _GGUF_HEADER.unpack(head)
+    if magic != b"GGUF" or version not in (2, 3):
+        raise VectorFileError(f"{path}: not a GGUF file (magic {magic!r}, version {version})")
+    if n_kv * 12 + n_tensors * 24 > size:
+        raise VectorFileError(
+            f"{path}: corrupt GGUF header ({n_kv} metadata pairs, {n_tensors} tensors in {size} bytes)"
+        )
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # ValueError, struct.error, MemoryError, ... on bad files
+        raise VectorFileError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
 def _field_str(field: Any) -> str:

@@ -1,0 +1,36 @@
+"""Inputs found by scripts/fuzz.py that once escaped as the wrong exception
+(or exhausted memory): each must now raise the package's own error."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import llama_steer as ls
+import pytest
+
+FOUND = Path(__file__).parent / "fuzz_regressions"
+
+Loader = Callable[[Path], object]
+CASES: list[tuple[str, Loader, type[Exception], str]] = [
+    ("actadd-bad-utf8-field.gguf", ls.ActAdd.load, ls.VectorFileError, "malformed ActAdd"),  # UnicodeDecodeError
+    # counts that made gguf's reader grow past 2 GB: refused from the header, before it allocates
+    ("controlvector-oom.gguf", ls.ControlVector.load, ls.VectorFileError, "corrupt GGUF header"),
+    ("pairs-not-utf8.jsonl", ls.load_pairs, ls.DatasetError, "not UTF-8"),  # UnicodeDecodeError
+    ("pairs-not-utf8.csv", ls.load_pairs, ls.DatasetError, "not UTF-8"),
+    ("ab-not-utf8.json", ls.load_ab_dataset, ls.DatasetError, "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("name", "load", "error", "message"), CASES, ids=[c[0] for c in CASES])
+def test_found_input_raises_the_package_error(name: str, load: Loader, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        load(FOUND / name)
+
+
+def test_every_loader_refuses_every_found_input() -> None:
+    loaders: list[Loader] = [ls.ControlVector.load, ls.ActAdd.load, ls.load_pairs, ls.load_ab_dataset]
+    for path in sorted(FOUND.iterdir()):
+        for load in loaders:
+            with pytest.raises(ls.LlamaSteerError):  # never a bare UnicodeDecodeError, MemoryError, ...
+                load(path)
