@@ -14,9 +14,9 @@ Targets and what a bad input may raise (anything else, or a crash, is a bug):
   header and metadata) are mutated -> ModelLoadError; llama.cpp's own loader
   runs, so an abort there kills the process and libFuzzer reports it.
 
-The corpus is seeded from files the package writes or ships; crashes are
-written by libFuzzer as ``crash-*`` files in the current directory (each
-becomes a regression test in tests/test_fuzz_regressions.py).
+The corpus is seeded from files the package writes or ships; libFuzzer writes
+crashing, out-of-memory and slow inputs to ``build/fuzz/found/`` (each found
+so far is a regression test in tests/test_fuzz_regressions.py).
 """
 
 from __future__ import annotations
@@ -127,7 +127,9 @@ def fuzz(target: str, seconds: int, corpus: Path, extra: list[str]) -> None:
     # inputs up to twice the largest seed (libFuzzer's default cuts at 512 bytes)
     max_len = 2 * max(p.stat().st_size for p in corpus.iterdir())
     argv = [sys.argv[0], str(corpus), f"-max_total_time={seconds}", f"-max_len={max_len}", "-print_final_stats=1"]
-    argv += extra
+    found = ROOT / "build" / "fuzz" / "found"
+    found.mkdir(parents=True, exist_ok=True)
+    argv += [f"-artifact_prefix={found}/{target}-", *extra]
     atheris.Setup(argv, harness)
     atheris.Fuzz()
 

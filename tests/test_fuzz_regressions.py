@@ -16,6 +16,7 @@ CASES: list[tuple[str, Loader, type[Exception], str]] = [
     ("actadd-bad-utf8-field.gguf", ls.ActAdd.load, ls.VectorFileError, "malformed ActAdd"),  # UnicodeDecodeError
     # counts that made gguf's reader grow past 2 GB: refused from the header, before it allocates
     ("controlvector-oom.gguf", ls.ControlVector.load, ls.VectorFileError, "corrupt GGUF header"),
+    ("controlvector-oom-array.gguf", ls.ControlVector.load, ls.VectorFileError, "corrupt GGUF"),  # a metadata count
     ("pairs-not-utf8.jsonl", ls.load_pairs, ls.DatasetError, "not UTF-8"),  # UnicodeDecodeError
     ("pairs-not-utf8.csv", ls.load_pairs, ls.DatasetError, "not UTF-8"),
     ("ab-not-utf8.json", ls.load_ab_dataset, ls.DatasetError, "not UTF-8"),

@@ -315,10 +315,78 @@ def open_gguf(path: Path) -> Any:
         raise VectorFileError(
             f"{path}: corrupt GGUF header ({n_kv} metadata pairs, {n_tensors} tensors in {size} bytes)"
         )
+    with path.open("rb") as f:
+        problem = _gguf_bounds_problem(f.read(), n_kv, n_tensors)
+    if problem:
+        raise VectorFileError(f"{path}: corrupt GGUF ({problem})")
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # ValueError, struct.error, MemoryError, ... on bad files
         raise VectorFileError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+
+
+# GGUF value types -> fixed sizes in bytes (8: string, 9: array)
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _gguf_bounds_problem(data: bytes, n_kv: int, n_tensors: int) -> str | None:
+    """Walk a GGUF's metadata and tensor entries, checking every length and
+    count against the bytes left (gguf's reader trusts them and can loop or
+    allocate without bound on a corrupt file). Returns what is wrong, or None.
+    Arrays of arrays are refused (no small GGUF of ours has them)."""
+    pos, size = _GGUF_HEADER.size, len(data)
+
+    def take(n: int) -> int:
+        nonlocal pos
+        if n < 0 or pos + n > size:
+            raise IndexError
+        start, pos = pos, pos + n
+        return start
+
+    def u32() -> int:
+        return int.from_bytes(data[take(4) : pos], "little")
+
+    def u64() -> int:
+        return int.from_bytes(data[take(8) : pos], "little")
+
+    def string() -> None:
+        take(u64())
+
+    try:
+        for _ in range(n_kv):
+            string()
+            vtype = u32()
+            if vtype == 8:
+                string()
+            elif vtype == 9:
+                itype, count = u32(), u64()
+                if itype == 8:
+                    if count * 8 > size - pos:
+                        return f"an array of {count} strings"
+                    for _ in range(count):
+                        string()
+                elif itype in _GGUF_SCALAR:
+                    take(count * _GGUF_SCALAR[itype])
+                else:
+                    return f"an array of value type {itype}"
+            elif vtype in _GGUF_SCALAR:
+                take(_GGUF_SCALAR[vtype])
+            else:
+                return f"value type {vtype}"
+        for _ in range(n_tensors):
+            string()
+            n_dims = u32()
+            if not 1 <= n_dims <= 4:
+                return f"a tensor with {n_dims} dimensions"
+            n_elem = 1
+            for _ in range(n_dims):
+                n_elem *= u64()
+            if n_elem > 8 * size:
+                return f"a tensor of {n_elem} elements in {size} bytes"
+            take(12)  # type, offset
+    except IndexError:
+        return "a length or count past the end of the file"
+    return None
 
 
 def _field_str(field: Any) -> str:
