@@ -58,6 +58,13 @@ def similarity(h: npt.ArrayLike, direction: npt.ArrayLike) -> npt.NDArray[np.flo
     return np.asarray(out, dtype=np.float64)
 
 
+def meets(sim: npt.ArrayLike, threshold: float, compare: Compare) -> npt.NDArray[np.bool_]:
+    """Where similarities ``sim`` meet a threshold: ``sim > threshold``
+    (``"above"``) or ``sim < threshold`` (``"below"``)."""
+    s = np.asarray(sim)
+    return np.asarray(s > threshold if compare == "above" else s < threshold)
+
+
 @dataclass(frozen=True, eq=False)  # holds an array: compared by identity
 class Condition:
     """Steer only when the prompt matches: ``similarity(h, vector) > threshold``
@@ -110,8 +117,11 @@ class Condition:
 
     def holds(self, h: npt.ArrayLike) -> bool:
         """Whether the condition holds for one hidden state ``h`` [n_embd]."""
-        sim = float(self.similarity(h))
-        return sim > self.threshold if self.compare == "above" else sim < self.threshold
+        return self.meets(float(self.similarity(h)))
+
+    def meets(self, sim: float) -> bool:
+        """Whether a similarity (from :meth:`similarity`) meets the threshold."""
+        return bool(meets(sim, self.threshold, self.compare))
 
     def check_fits(self, n_layer: int, n_embd: int) -> None:
         """Raise ValueError unless the condition fits a model of this shape."""
@@ -171,10 +181,7 @@ def find_condition(
         raise ValueError(f"heldout must be in (0, 1), got {heldout}")
     layer_list = list(range(1, model.n_layer)) if layers is None else [int(x) for x in layers]
     if not layer_list:
-        raise ValueError("no layers to search")
-    for il in layer_list:
-        if not 0 <= il < model.n_layer:
-            raise ValueError(f"layer {il} is out of range (0..{model.n_layer - 1})")
+        raise ValueError("no layers to search")  # out-of-range ones: model.capture says which
     texts = match_list + other_list
     if chat:
         texts = [model.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
@@ -189,8 +196,8 @@ def find_condition(
 
     best: tuple[float, int, str, float] | None = None  # (f1, layer, compare, threshold)
     f1_by_layer: dict[tuple[int, str], float] = {}
+    train = ~test
     for j, il in enumerate(layer_list):
-        train = ~test
         direction = acts[train & truth, j].mean(axis=0) - acts[train & ~truth, j].mean(axis=0)
         norm = float(np.linalg.norm(direction))
         if not norm > 0:
@@ -200,7 +207,7 @@ def find_condition(
         cuts = np.unique(sims)
         thresholds = np.concatenate([[cuts[0] - 1e-6], (cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1e-6]])
         for compare in ("above", "below"):
-            scores = [f1_score(sims > t if compare == "above" else sims < t, truth[test]) for t in thresholds]
+            scores = [f1_score(meets(sims, t, compare), truth[test]) for t in thresholds]
             k = int(np.argmax(scores))
             f1_by_layer[(il, compare)] = scores[k]
             if best is None or scores[k] > best[0]:

@@ -238,7 +238,7 @@ class Model:
                     cond = s.condition
                     assert cond is not None
                     sim = float(cond.similarity(cap.read(i, cond.layer, cond.read)))
-                    held = cond.holds(cap.read(i, cond.layer, cond.read))
+                    held = cond.meets(sim)
                     results.append(ConditionResult(i, s, sim, held))
                     if not held:
                         session.drop(i, s)
