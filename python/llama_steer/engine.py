@@ -139,10 +139,7 @@ class Engine:
         """Raise unless every steer fits this model (size, layers, hooks, the
         architecture an ActAdd was built on)."""
         with self.lock:  # reads the context's hook table
-            check_fits(self.ctx, steers, self.n_layer, self.n_embd)
-        for s in steers:
-            if s.actadd is not None:
-                s.actadd.check_fits(self.n_layer, self.n_embd, self.arch)
+            check_fits(self.ctx, steers, self.n_layer, self.n_embd, self.arch)
 
     # -- the call protocol ----------------------------------------------------
     def begin(self, per_seq: Mapping[int, Sequence[Steer]], n_prompt: Mapping[int, int]) -> tuple[int, SteeringSession]:
@@ -232,11 +229,12 @@ class Engine:
             for i, t in enumerate(token_lists):
                 if len(t) > 1:
                     m = len(t) - 1
-                    if capture_layers and i in all_rows:
-                        batch = _core.BatchTokens(list(t[:-1]), list(range(m)), [i] * m, [1] * m)
+                    rows_wanted = bool(capture_layers) and i in all_rows
+                    batch = _core.BatchTokens(list(t[:-1]), list(range(m)), [i] * m, [int(rows_wanted)] * m)
+                    if rows_wanted:
                         heads[i] = np.asarray(ctx.decode_capture(batch, _MAX_CAPTURE_OUTPUTS), dtype=np.float32)
                     else:
-                        ctx.decode(_core.BatchTokens(list(t[:-1]), list(range(m)), [i] * m, [0] * m))
+                        ctx.decode(batch)
             pos = [len(t) - 1 for t in token_lists]
             if not capture_layers:
                 ctx.decode_step([t[-1] for t in token_lists], pos, list(range(n)))

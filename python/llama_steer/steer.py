@@ -267,12 +267,12 @@ def apply_steering(
     return session
 
 
-def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd: int) -> None:
-    """Raise unless every steer fits the model: n_embd, layer range, hooks
-    (the architecture of an ActAdd: :meth:`Engine.check_steers`)."""
+def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd: int, arch: str | None = None) -> None:
+    """Raise unless every steer fits the model: n_embd, layer range, hooks,
+    and (given ``arch``) the architecture an ActAdd was built on."""
     for s in steers:
         if s.actadd is not None:
-            s.actadd.check_fits(n_layer, n_embd)
+            s.actadd.check_fits(n_layer, n_embd, arch)
             layers = [s.actadd.layer]
         else:
             vec = s.control_vector
