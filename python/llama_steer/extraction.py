@@ -262,10 +262,7 @@ def capture(
     if not token_lists:
         raise ValueError("no prompts to capture")
     positions = [_read_positions(read, t) for t in token_lists]
-    layer_list = list(range(model.n_layer)) if layers is None else [int(x) for x in layers]
-    for il in layer_list:
-        if not 0 <= il < model.n_layer:
-            raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
+    layer_list = _capture_layers(model, range(model.n_layer) if layers is None else layers)
     n_shortest = min(len(t) for t in token_lists)
     rows = _capture_rows(
         eng, token_lists, positions, layer_list, batch_size, share_prefixes, progress, steers, n_shortest
@@ -295,18 +292,24 @@ def capture_positions(
     token_lists = [eng.prompt_tokens(p) for p in prompts]
     if not token_lists:
         raise ValueError("no prompts to capture")
-    layer_list = [int(x) for x in layers]
+    layer_list = _capture_layers(model, layers)
     if not layer_list:
         raise ValueError("no layers to capture")
-    for il in layer_list:
-        if not 0 <= il < model.n_layer:
-            raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
     out: list[npt.NDArray[np.float32]] = []
     for t in token_lists:
         with eng.call({0: steers} if steers else {}, {0: len(t)}):
             cap = eng.prefill([t], layer_list, all_rows={0})
         assert cap is not None
         out.append(cap.rows(0))
+    return out
+
+
+def _capture_layers(model: Model, layers: Iterable[int]) -> list[int]:
+    """``layers`` as ints, each a block output the model has (0..n_layer-1)."""
+    out = [int(x) for x in layers]
+    for il in out:
+        if not 0 <= il < model.n_layer:
+            raise ValueError(f"layer {il} is out of range [0, {model.n_layer})")
     return out
 
 
