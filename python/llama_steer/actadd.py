@@ -21,6 +21,7 @@ paper's numbers. This module is the one place that maps them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import SteeringError, VectorFileError
-from .vectors import open_gguf
+from .vectors import load_small_gguf
 
 if TYPE_CHECKING:
     from .model import Model
@@ -178,28 +179,11 @@ class ActAdd:
         )
 
     def at(self, location: Location) -> ActAdd:
-        """The same injection at another location."""
+        """The same injection at another location (the rows are shared: read-only)."""
         _check_location(location)
-        out = ActAdd.__new__(ActAdd)
-        out._set(*self._fields(location=location))
+        out = copy.copy(self)
+        out.location = location
         return out
-
-    def _fields(self, **override: object) -> tuple:  # type: ignore[type-arg]
-        f = dict(
-            rows=self.rows,
-            layer=self.layer,
-            location=self.location,
-            pad_prompt=self.pad_prompt,
-            positive=self.positive,
-            negative=self.negative,
-            pad=self.pad,
-            pad_token=self.pad_token,
-            has_bos=self.has_bos,
-            arch=self.arch,
-            model_name=self.model_name,
-        )
-        f.update(override)
-        return tuple(f.values())
 
     # -- placing it ------------------------------------------------------------
     def start(self, n_prompt: int) -> int:
@@ -270,21 +254,11 @@ class ActAdd:
     def load(cls, path: str | os.PathLike[str]) -> ActAdd:
         """Read a file written by :meth:`save`; a malformed one raises
         :class:`~llama_steer.errors.VectorFileError`."""
-        import gguf
-
-        path = Path(path)
-        if not path.is_file():
-            raise VectorFileError(f"no such ActAdd file: {path}")
-        r = open_gguf(path)
-        try:
-            return cls._from_reader(r, path, gguf)
-        except VectorFileError:
-            raise
-        except Exception as exc:  # a malformed field (bad UTF-8, wrong type, ...) the reader accepted lazily
-            raise VectorFileError(f"{path}: malformed ActAdd file ({type(exc).__name__}: {exc})") from exc
+        return load_small_gguf(path, "ActAdd", cls._from_reader)
 
     @classmethod
-    def _from_reader(cls, r: Any, path: Path, gguf: Any) -> ActAdd:
+    def _from_reader(cls, r: Any, path: Path) -> ActAdd:
+        import gguf
 
         def field(name: str) -> object:
             f = r.fields.get(_KEY + name)
@@ -306,26 +280,24 @@ class ActAdd:
             raise VectorFileError(f"{path}: {_TENSOR} is empty or has NaN/inf")
         if hashlib.sha256(rows.tobytes()).hexdigest() != field("sha256"):
             raise VectorFileError(f"{path}: the rows do not match their recorded hash (corrupt file)")
+        # a bad value raises TypeError/ValueError: load_small_gguf reports the file as malformed
+        loc = str(field("location"))
+        location: Location = loc if loc in ("front", "back") else int(loc)  # type: ignore[assignment]
+        _check_location(location)
         out = cls.__new__(cls)
-        try:
-            loc = str(field("location"))
-            location: Location = loc if loc in ("front", "back") else int(loc)  # type: ignore[assignment]
-            _check_location(location)
-            out._set(
-                rows,
-                int(field("layer")),  # type: ignore[call-overload]
-                location,
-                bool(field("pad_prompt")),
-                str(field("positive")),
-                str(field("negative")),
-                str(field("pad")),
-                int(field("pad_token")),  # type: ignore[call-overload]
-                bool(field("has_bos")),
-                str(field("model_arch")),
-                str(field("model_name")),
-            )
-        except (TypeError, ValueError) as exc:
-            raise VectorFileError(f"{path}: malformed ActAdd metadata ({exc})") from exc
+        out._set(
+            rows,
+            int(field("layer")),  # type: ignore[call-overload]
+            location,
+            bool(field("pad_prompt")),
+            str(field("positive")),
+            str(field("negative")),
+            str(field("pad")),
+            int(field("pad_token")),  # type: ignore[call-overload]
+            bool(field("has_bos")),
+            str(field("model_arch")),
+            str(field("model_name")),
+        )
         return out
 
 

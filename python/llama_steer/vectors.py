@@ -13,9 +13,9 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,7 @@ import numpy.typing as npt
 from .errors import VectorFileError
 
 FloatArray = npt.NDArray[np.float32]
+T = TypeVar("T")
 
 FIRST_LAYER = 1  # llama.cpp never steers the output of block 0 (direction.0 is invalid)
 
@@ -247,21 +248,12 @@ class ControlVector:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ControlVector:
         """Read a control-vector GGUF (ours, llama.cpp's cvector-generator's or repeng's)."""
-        import gguf
-
-        path = Path(path)
-        if not path.is_file():
-            raise VectorFileError(f"no such control-vector file: {path}")
-        reader = open_gguf(path)
-        try:
-            return cls._from_reader(reader, path, gguf)
-        except VectorFileError:
-            raise
-        except Exception as exc:  # a malformed field or tensor the reader accepted lazily
-            raise VectorFileError(f"{path}: malformed control-vector file ({type(exc).__name__}: {exc})") from exc
+        return load_small_gguf(path, "control-vector", cls._from_reader)
 
     @classmethod
-    def _from_reader(cls, reader: Any, path: Path, gguf: Any) -> ControlVector:
+    def _from_reader(cls, reader: Any, path: Path) -> ControlVector:
+        import gguf
+
         arch_field = reader.fields.get("general.architecture")
         arch = _field_str(arch_field) if arch_field is not None else ""
         if arch != "controlvector":
@@ -294,29 +286,43 @@ class ControlVector:
 _GGUF_HEADER = struct.Struct("<4sIQQ")
 
 
-def open_gguf(path: Path) -> Any:
-    """A ``gguf.GGUFReader`` of a small GGUF (a control vector, an ActAdd).
+def load_small_gguf(path: str | os.PathLike[str], what: str, parse: Callable[[Any, Path], T]) -> T:
+    """Read a small GGUF of ours (a control vector, an ActAdd): ``parse(reader,
+    path)`` on a ``gguf.GGUFReader``. Anything wrong with the file is a
+    :class:`VectorFileError` naming ``what``: a missing file, a corrupt
+    header or metadata (checked first, see :func:`_open_gguf`), or a field
+    the reader accepted but ``parse`` cannot read (bad UTF-8, wrong type)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VectorFileError(f"no such {what} file: {path}")
+    reader = _open_gguf(path)
+    try:
+        return parse(reader, path)
+    except VectorFileError:
+        raise
+    except Exception as exc:  # a malformed field or tensor the reader accepted lazily
+        raise VectorFileError(f"{path}: malformed {what} file ({type(exc).__name__}: {exc})") from exc
 
-    The header's counts are checked against the file size first (each
-    metadata pair takes at least 12 bytes, each tensor entry 24), so a
-    corrupt count cannot make the reader allocate without bound; any failure
-    of the reader is a :class:`VectorFileError`."""
+
+def _open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` of ``path``, after checking the header's counts
+    against the file size (each metadata pair takes at least 12 bytes, each
+    tensor entry 24) and walking the metadata with bounded counts, so a
+    corrupt file cannot make the reader loop or allocate without bound."""
     import gguf
 
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(_GGUF_HEADER.size)
-    if len(head) < _GGUF_HEADER.size:
+    data = path.read_bytes()
+    size = len(data)
+    if size < _GGUF_HEADER.size:
         raise VectorFileError(f"{path}: not a GGUF file (too short)")
-    magic, version, n_tensors, n_kv = _GGUF_HEADER.unpack(head)
+    magic, version, n_tensors, n_kv = _GGUF_HEADER.unpack_from(data)
     if magic != b"GGUF" or version not in (2, 3):
         raise VectorFileError(f"{path}: not a GGUF file (magic {magic!r}, version {version})")
     if n_kv * 12 + n_tensors * 24 > size:
         raise VectorFileError(
             f"{path}: corrupt GGUF header ({n_kv} metadata pairs, {n_tensors} tensors in {size} bytes)"
         )
-    with path.open("rb") as f:
-        problem = _gguf_bounds_problem(f.read(), n_kv, n_tensors)
+    problem = _gguf_bounds_problem(data, n_kv, n_tensors)
     if problem:
         raise VectorFileError(f"{path}: corrupt GGUF ({problem})")
     try:
