@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing (atheris, libFuzzer) of every parser llama-steer owns.
 
-    pip install atheris
+    pip install ".[dev]"                          # brings atheris
     python scripts/fuzz.py TARGET [--seconds 60] [--corpus DIR] [libFuzzer flags...]
     python scripts/fuzz.py all --seconds 60        # every target in turn, a summary line each
 
