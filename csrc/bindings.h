@@ -8,4 +8,5 @@ void register_errors(pybind11::module_& m);
 void register_model(pybind11::module_& m);
 void register_context(pybind11::module_& m);
 void register_steering(pybind11::module_& m);
+void register_quant(pybind11::module_& m);
 }  // namespace llama_steer

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BatchTokens', 'Context', 'ContextParams', 'Model', 'Sampler', 'SamplerParams', 'SteerStats', 'log_level', 'set_log_level', 'supports_gpu_offload']
+__all__: list[str] = ['BatchTokens', 'Context', 'ContextParams', 'Model', 'Sampler', 'SamplerParams', 'SteerStats', 'dequantize', 'log_level', 'quant_can_roundtrip', 'quant_row_size', 'quant_type_name', 'quantize', 'set_log_level', 'supports_gpu_offload']
 class Model:
     def __init__(self, path: str, n_gpu_layers: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
@@ -45,6 +45,7 @@ class Model:
         ...
 class ContextParams:
     embeddings: bool
+    kv_f32: bool
     def __init__(self) -> None:
         ...
     @property
@@ -223,8 +224,26 @@ class SteerStats:
     @property
     def topology_version(self) -> int:
         ...
+def dequantize(type: typing.SupportsInt | typing.SupportsIndex, data: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], nrows: typing.SupportsInt | typing.SupportsIndex, n_per_row: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
+    """
+    rows of ggml type `type` (raw bytes) -> float32 array [nrows, n_per_row]
+    """
 def log_level() -> int:
     ...
+def quant_can_roundtrip(type: typing.SupportsInt | typing.SupportsIndex) -> bool:
+    """
+    whether ggml can read `type` as float32 and write it back without an importance matrix
+    """
+def quant_row_size(type: typing.SupportsInt | typing.SupportsIndex, n_per_row: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    bytes of one row of n_per_row values of ggml type `type`
+    """
+def quant_type_name(type: typing.SupportsInt | typing.SupportsIndex) -> str:
+    ...
+def quantize(type: typing.SupportsInt | typing.SupportsIndex, data: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], n_threads: typing.SupportsInt | typing.SupportsIndex = 1) -> numpy.typing.NDArray[numpy.uint8]:
+    """
+    float32 array [nrows, n_per_row] -> raw rows of ggml type `type` (uint8 [nrows, row bytes])
+    """
 def set_log_level(arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
     0 debug, 1 info, 2 warn, 3 error, 4 none
