@@ -18,7 +18,8 @@ void register_context(py::module_& m) {
         .def_readwrite("n_ubatch", &ContextParams::n_ubatch)
         .def_readwrite("n_seq_max", &ContextParams::n_seq_max)
         .def_readwrite("n_threads", &ContextParams::n_threads)
-        .def_readwrite("embeddings", &ContextParams::embeddings);
+        .def_readwrite("embeddings", &ContextParams::embeddings)
+        .def_readwrite("kv_f32", &ContextParams::kv_f32);
 
     py::class_<BatchTokens>(m, "BatchTokens")
         .def(py::init<>())

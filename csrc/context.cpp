@@ -37,6 +37,12 @@ Context::Context(std::shared_ptr<Model> model, const ContextParams& params) : mo
     cp.n_threads = params_.n_threads;
     cp.n_threads_batch = params_.n_threads;
     cp.embeddings = params_.embeddings;
+    if (params_.kv_f32) {
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+        // llama.cpp's flash attention casts K and V to F16: attend without it.
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    }
     cp.no_perf = false;
     // One cache shared by all sequences: its size is n_ctx whatever
     // n_seq_max is, and sequences can share a prefix through seq_cp.

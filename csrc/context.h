@@ -20,6 +20,7 @@ struct ContextParams {
     int32_t n_seq_max = 16;
     int32_t n_threads = 0;  // 0: all cores
     bool embeddings = false;
+    bool kv_f32 = false;  // F32 K/V cache and attention, no F16 anywhere (exactness tests)
 };
 
 // Tokens of a batch: which sequence, where, and whether outputs are kept.

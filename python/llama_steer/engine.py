@@ -51,6 +51,7 @@ class Engine:
         n_batch: int,
         n_seq_max: int,
         n_steer_slots: int,
+        kv_cache: str = "f16",
     ) -> None:
         self.lock = threading.RLock()
         self._model: _core.Model | None = _core.Model(str(path), n_gpu_layers)
@@ -60,6 +61,7 @@ class Engine:
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads or 0
+        params.kv_f32 = kv_cache == "f32"
         self._ctx: _core.Context | None = _core.Context(self._model, params)
         # A graph without a steering hook still generates; any Steer is then
         # refused by check_steers with a clear error.

@@ -55,8 +55,11 @@ class Model:
 
     ``n_ctx`` is the context window shared by all sequences, ``n_threads``
     defaults to every core, ``n_gpu_layers`` offloads layers on a CUDA or
-    Metal build. Use as a context manager or call :meth:`close`; after that
-    every method raises :class:`~llama_steer.errors.ClosedError`.
+    Metal build. ``kv_cache="f32"`` keeps keys and values in float32 and
+    attends without flash attention (which works in float16): slower, for
+    exactness checks on full-precision models. Use as a context manager or
+    call :meth:`close`; after that every method raises
+    :class:`~llama_steer.errors.ClosedError`.
 
     Safe to share between threads: every call holds the model's lock (a
     streamed generation, one step at a time; see :attr:`lock`).
@@ -72,6 +75,7 @@ class Model:
         n_batch: int = 512,
         n_seq_max: int = 64,
         n_steer_slots: int = 8,
+        kv_cache: str = "f16",
     ) -> None:
         for name, value in (
             ("n_ctx", n_ctx),
@@ -85,6 +89,8 @@ class Model:
             raise ValueError(f"n_threads must be a positive int or None, got {n_threads!r}")
         if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be an int >= -1, got {n_gpu_layers!r}")
+        if kv_cache not in ("f16", "f32"):
+            raise ValueError(f"kv_cache must be 'f16' or 'f32', got {kv_cache!r}")
         self._path = Path(path)
         self._conditions: list[ConditionResult] = []
         self._engine = Engine(
@@ -95,6 +101,7 @@ class Model:
             n_batch=n_batch,
             n_seq_max=n_seq_max,
             n_steer_slots=n_steer_slots,
+            kv_cache=kv_cache,
         )
 
     @classmethod
