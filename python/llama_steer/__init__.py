@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 from .actadd import ActAdd
+from .bake import BakeReport, bake, dequantize_model
 from .conditions import Condition, ConditionSearch, find_condition, topic_prompts
 from .errors import (
+    BakeError,
     ClosedError,
     ConcurrentUseError,
     ContextOverflowError,
@@ -34,6 +36,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActAdd",
+    "BakeError",
+    "BakeReport",
+    "bake",
+    "dequantize_model",
     "Condition",
     "ConditionResult",
     "ConditionSearch",

@@ -48,6 +48,11 @@ class VectorFileError(LlamaSteerError):
     """A control-vector file is malformed or does not fit the model."""
 
 
+class BakeError(LlamaSteerError):
+    """Steering that cannot be baked into a file: a window, schedule or
+    condition, a vector for another model, an architecture without a slot."""
+
+
 class DatasetError(LlamaSteerError, ValueError):
     """A pairs or evaluation dataset is malformed."""
 
@@ -66,6 +71,7 @@ __all__ = [
     "ConcurrentUseError",
     "SteeringError",
     "VectorFileError",
+    "BakeError",
     "DatasetError",
     "DownloadError",
 ]

@@ -9,6 +9,7 @@ repeng and ``cvector-generator`` load here.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -120,6 +121,15 @@ class ControlVector:
         return self.layers == other.layers and all(np.array_equal(self[k], other[k]) for k in self.layers)
 
     __hash__ = None  # type: ignore[assignment]
+
+    def fingerprint(self) -> str:
+        """sha256 of the layers and float32 values: names exactly this vector
+        (recorded in baked models' metadata)."""
+        h = hashlib.sha256()
+        for layer, vec in self.items():
+            h.update(int(layer).to_bytes(4, "little"))
+            h.update(np.ascontiguousarray(vec, dtype="<f4").tobytes())
+        return h.hexdigest()
 
     # -- arithmetic ---------------------------------------------------------
     def _combine(self, other: ControlVector, sign: float) -> ControlVector:
