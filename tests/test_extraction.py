@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import gguf
 import llama_steer as ls
 import numpy as np
 import pytest
+from lexicon import mood
 from llama_steer import _core
 from llama_steer.extraction import direction
 
@@ -136,68 +136,6 @@ def test_pca_diff_matches_svd_reference() -> None:
     assert evr == pytest.approx(s[0] ** 2 / np.sum(s**2), rel=1e-6)
 
 
-# Small generic sentiment lexicons, matched as word prefixes ("excit" counts
-# "excited" and "exciting").
-HAPPY = (
-    "happ",
-    "joy",
-    "excit",
-    "love",
-    "smil",
-    "wonderful",
-    "great",
-    "amazing",
-    "fun",
-    "positiv",
-    "glad",
-    "delight",
-    "cheer",
-    "fantastic",
-    "grateful",
-    "inspir",
-    "thrill",
-    "celebrat",
-    "beautiful",
-    "bright",
-    "hope",
-    "enjoy",
-)
-SAD = (
-    "sad",
-    "sorry",
-    "lonel",
-    "tragic",
-    "death",
-    "died",
-    "grief",
-    "pain",
-    "tear",
-    "lost",
-    "overwhelm",
-    "difficult",
-    "struggl",
-    "miserabl",
-    "depress",
-    "alone",
-    "anxi",
-    "stress",
-    "worr",
-    "tired",
-    "guilt",
-    "heavy",
-    "afraid",
-    "fear",
-    "upset",
-    "hurt",
-    "cry",
-)
-
-
-def _mood(text: str) -> int:
-    words = re.findall(r"[a-z]+", text.lower())
-    return sum(w.startswith(HAPPY) for w in words) - sum(w.startswith(SAD) for w in words)
-
-
 def test_happy_vector_steers_greedy_output(model: ls.Model, tmp_path: Path) -> None:
     """Extract happy/sad from the bundled dataset, steer a middle layer range.
 
@@ -215,7 +153,7 @@ def test_happy_vector_steers_greedy_output(model: ls.Model, tmp_path: Path) -> N
         for q in questions:
             prompt = model.apply_chat_template([{"role": "user", "content": q}])
             out = model.complete(prompt, max_tokens=40, temperature=0, steer=ls.Steer(v, s, layers=steer_layers))
-            total += _mood(out)
+            total += mood(out)
         score[s] = total
     assert score[6.0] > score[-6.0], score
     assert score[6.0] >= score[0.0], score

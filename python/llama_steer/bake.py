@@ -507,8 +507,12 @@ def _write(
         writer.close()
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, ModelLoadError)):
+            if exc.errno is None:  # numpy's short write: no errno, only the byte counts
+                raise OSError(
+                    f"writing {out} failed ({exc}: is the disk full?); nothing was left under that name"
+                ) from exc
             raise OSError(
-                exc.errno, f"writing {out} failed ({exc.strerror or exc}); nothing was left under that name"
+                exc.errno, f"writing {out} failed ({exc.strerror}); nothing was left under that name"
             ) from exc
         raise
     return out.stat().st_size

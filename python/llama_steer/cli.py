@@ -430,6 +430,31 @@ def plot_sweep(strengths: Sequence[float], texts: Sequence[str], path: str | Pat
     return out
 
 
+def cmd_bake(args: argparse.Namespace) -> int:
+    from .bake import bake
+
+    path = Path(args.model) if args.model else default_model_path(args.bundled)
+    layers = args.layers
+    if args.layer_range:
+        layers = range(args.layer_range[0], args.layer_range[1] + 1)
+    steers = []
+    for spec in args.vector or []:
+        vec, strength = _load_vector(spec)
+        steers.append(Steer(vec, strength * args.scale, layers=_clip(layers, vec)))
+    for spec in args.ablate or []:
+        vec, strength = _load_vector(spec)
+        if args.ablate_layer is not None:
+            if args.ablate_layer not in vec:
+                raise UsageError(f"--ablate-layer {args.ablate_layer}: {spec} has no direction there")
+            vec = vec.select([args.ablate_layer])
+        steers.append(Steer(vec, strength, mode="ablate"))
+    if not steers:
+        raise UsageError("nothing to bake: give --vector FILE[:S] and/or --ablate FILE")
+    report = bake(path, steers, args.output, overwrite=args.overwrite, n_threads=args.threads)
+    print(report)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import gguf
 
@@ -600,6 +625,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(temperature=0.0)
     _add_model_args(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("bake", help="write a GGUF with the steering in its weights, for stock llama.cpp/ollama")
+    p.add_argument("-o", "--output", required=True, help="GGUF model to write")
+    p.add_argument("--vector", action="append", metavar="FILE[:S]", help="add this vector at strength S (repeatable)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every --vector strength")
+    p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B", help="bake --vector at layers A..B")
+    p.add_argument("--control-vector-layer-range", dest="layer_range", nargs=2, type=int, metavar=("A", "B"))
+    p.add_argument("--ablate", action="append", metavar="FILE", help="remove this direction from every layer")
+    p.add_argument("--ablate-layer", type=int, default=None, metavar="N", help="the --ablate file's layer to use")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", help="GGUF model file (default: the embedded SmolLM2-135M)")
+    g.add_argument("--bundled", default="smollm2-135m", choices=sorted(MODELS), help="embedded model to use")
+    g.add_argument("-t", "--threads", type=int, default=None, help="threads for requantizing (default: all cores)")
+    p.set_defaults(func=cmd_bake)
 
     p = sub.add_parser("inspect", help="describe a control-vector or model GGUF")
     p.add_argument("file")
