@@ -144,6 +144,14 @@ def _recipe(steers: Sequence[Steer], arch: str, n_layer: int, n_embd: int) -> _R
             raise BakeError(f"{what} steers positions {st.positions!r}: a baked model steers every position")
         if st.scheduled:
             raise BakeError(f"{what} has a strength schedule: a baked model steers at one strength")
+        if st.unit == "relative":
+            norms = st.control_vector.residual_norms
+            if not norms or any(k not in norms for k in st.control_vector.layers):
+                raise BakeError(
+                    f"{what} has a relative strength but its vector records no residual norms: "
+                    f"use st.absolute(model.residual_norms()) with the model loaded"
+                )
+            st = st.absolute(norms)
         vec = st.control_vector
         if vec.n_embd != n_embd:
             raise BakeError(

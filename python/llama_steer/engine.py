@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,7 @@ class Engine:
             self._ctx.steer_init(n_steer_slots, 1)
         self._call_id = 0  # bumped by every call that takes the context
         self._steering: SteeringSession | None = None
+        self._norms: dict[int, float] | None = None
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
@@ -151,9 +153,32 @@ class Engine:
         steering session, which is the engine's until :meth:`end` or the
         next begin."""
         self.end()
+        norms: dict[int, float] | None = None
+        if any(s.unit == "relative" for steers in per_seq.values() for s in steers):
+            norms = self.residual_norms()  # before anything is bound: it decodes
         self._call_id += 1
-        self._steering = apply_steering(self.ctx, self.n_layer, self.n_embd, per_seq, n_prompt)
+        self._steering = apply_steering(
+            self.ctx, self.n_layer, self.n_embd, per_seq, n_prompt, None if norms is None else lambda: norms
+        )
         return self._call_id, self._steering
+
+    def residual_norms(self) -> dict[int, float]:
+        """Mean L2 norm of the residual stream at each layer (the output of
+        block N, N >= 1), over the tokens of the bundled neutral reference
+        text (the first token, an attention sink with an outsized norm,
+        left out). Measured once per model (one prompt decode), then cached."""
+        with self.lock:
+            if self._norms is None:
+                text = resources.files("llama_steer").joinpath("data/reference.txt").read_text(encoding="utf-8")
+                tokens = self.model.tokenize(text, True, False)[: min(_NORM_TOKENS, self.n_ctx - 1)]
+                layers = list(range(1, self.n_layer))
+                with self.call():
+                    cap = self.prefill([tokens], layers, all_rows={0})
+                assert cap is not None
+                norms = np.linalg.norm(cap.rows(0)[1:].astype(np.float64), axis=-1).mean(axis=0)
+                # float32, as a vector file stores them: recorded and measured norms agree exactly
+                self._norms = {k: float(np.float32(v)) for k, v in zip(layers, norms)}
+            return dict(self._norms)
 
     @property
     def session(self) -> SteeringSession | None:
@@ -248,6 +273,10 @@ class Engine:
                 ctx.set_capture_layers([])
         return PrefillCapture(list(capture_layers), last, heads)
 
+
+# Tokens of the reference text residual norms are measured on: enough for a
+# stable mean (two capture chunks), short enough to take well under a second.
+_NORM_TOKENS = 128
 
 # Output rows per decode chunk while capturing (see Engine.prefill).
 _MAX_CAPTURE_OUTPUTS = 64

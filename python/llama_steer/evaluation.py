@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -491,11 +491,12 @@ def word_odds_curve(
     answer_prefix: str = "I feel",
     positive: Sequence[str] = MOOD_POSITIVE,
     negative: Sequence[str] = MOOD_NEGATIVE,
+    unit: Literal["absolute", "relative"] = "absolute",
 ) -> WordOddsCurve:
     """How steering moves the very next word: the chat-formatted ``question``
     followed by ``answer_prefix``, and log(sum p(positive words)) minus
     log(sum p(negative words)) over each word's first token, per strength
-    (one batch, one sequence per strength)."""
+    (one batch, one sequence per strength; ``unit`` as in :class:`Steer`)."""
     values = _check_strengths(strengths)
     layer_list = None if layers is None else [int(k) for k in layers]
     vec = vector if layer_list is None else vector.select(layer_list)
@@ -504,7 +505,7 @@ def word_odds_curve(
     neg_ids = sorted({model.tokenize(w, add_special=False)[0] for w in negative})
     if set(pos_ids) & set(neg_ids):
         raise ValueError("a positive and a negative word share their first token")
-    logits = model.logits_batch([prompt] * len(values), [Steer(vec, s) for s in values]).astype(np.float64)
+    logits = model.logits_batch([prompt] * len(values), [Steer(vec, s, unit=unit) for s in values]).astype(np.float64)
 
     # The softmax normaliser is the same for both word sets of a row, so the
     # log-odds need only the log-sum-exp of each set's logits.

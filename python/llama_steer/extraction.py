@@ -597,4 +597,5 @@ def extract(
             diag["heldout_auc"][layer] = _auc(sp, sn)
     diag_all: dict[str, Any] = dict(diag)
     diag_all.update(method=method, n_pairs=n, read=read if isinstance(read, str) else "callable")
-    return ControlVector(dirs, model_hint=model.arch, diagnostics=diag_all)
+    # The model's scale, so that Steer(..., unit="relative") works wherever the vector goes.
+    return ControlVector(dirs, model_hint=model.arch, diagnostics=diag_all, residual_norms=model.residual_norms())

@@ -264,6 +264,12 @@ class Model:
         several threads share the model."""
         return list(self._conditions)
 
+    def residual_norms(self) -> dict[int, float]:
+        """The model's scale: mean L2 norm of the residual stream at each
+        layer N >= 1 over a bundled neutral text, measured once and cached.
+        ``Steer(..., unit="relative")`` is in these units."""
+        return self._engine.residual_norms()
+
     def capture(
         self,
         prompts: Sequence[Prompt],

@@ -48,6 +48,11 @@ class Steer:
     - ``mode``: ``"add"`` adds ``strength * v``; ``"ablate"`` projects the
       direction of ``v`` out: ``x <- x - strength * r r^T x`` with ``r = v/|v|``
       (strength 1 removes the component entirely).
+    - ``unit``: ``"absolute"`` (the default): the added vector is ``strength
+      * v``; ``"relative"``: at each layer N the added vector has norm
+      ``strength`` times the model's mean residual norm there (see
+      :meth:`Model.residual_norms`), so one strength means the same push on
+      models of any scale. Add mode only.
     - ``condition``: a :class:`~llama_steer.Condition` (CAST): the steering
       applies to a sequence's generated tokens only, and only if the
       condition holds on its prompt (decided once, after the prompt is
@@ -60,6 +65,7 @@ class Steer:
     positions: Positions = "all"
     mode: Literal["add", "ablate"] = "add"
     condition: Condition | None = None
+    unit: Literal["absolute", "relative"] = "absolute"
     _resolved: ControlVector | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +77,10 @@ class Steer:
             raise TypeError(f"condition must be a Condition, got {type(self.condition).__name__}")
         if self.condition is not None and self.positions not in ("all", "generated"):
             raise ValueError("a conditional Steer acts on generated tokens: positions must be 'all' or 'generated'")
+        if self.unit not in ("absolute", "relative"):
+            raise ValueError(f"unit must be 'absolute' or 'relative', got {self.unit!r}")
+        if self.unit == "relative" and (self.mode != "add" or isinstance(self.vector, ActAdd)):
+            raise ValueError("unit='relative' scales an added vector: it needs mode='add' and a vector (not an ActAdd)")
         if isinstance(self.vector, ActAdd):
             if self.layers is not None or self.positions != "all" or self.mode != "add":
                 raise ValueError(
@@ -111,6 +121,24 @@ class Steer:
         if self._resolved is None:
             raise TypeError("an ActAdd Steer has rows, not a control vector")
         return self._resolved
+
+    def absolute(self, norms: Mapping[int, float]) -> Steer:
+        """This Steer in absolute units, given the model's mean residual norm
+        per layer (``norms``): each layer's direction rescaled to norm
+        ``norms[N]``, so the same ``strength`` applies. An absolute Steer is
+        returned as is. Raises :class:`SteeringError` for a layer without a norm."""
+        if self.unit == "absolute":
+            return self
+        vec = self.control_vector
+        missing = [k for k in vec.layers if k not in norms]
+        if missing:
+            raise SteeringError(f"no residual norm for layers {missing}: cannot convert a relative strength")
+        out = {}
+        for k, d in vec.items():
+            n = float(np.linalg.norm(d))
+            out[k] = d * np.float32(float(norms[k]) / n) if n > 0 else d
+        scaled = ControlVector(out, vec.model_hint, vec.diagnostics, vec.residual_norms)
+        return Steer(scaled, self.strength, positions=self.positions, condition=self.condition)
 
     @property
     def actadd(self) -> ActAdd | None:
@@ -233,11 +261,14 @@ def apply_steering(
     n_embd: int,
     per_seq: Mapping[int, Sequence[Steer]],
     n_prompt: Mapping[int, int],
+    norms: Callable[[], Mapping[int, float]] | None = None,
 ) -> SteeringSession:
     """Write each distinct vector into a slot and bind it to its sequences.
 
-    Steers sharing one vector (and mode) share one slot: a sweep over
-    strengths costs one slot. On any error everything written is undone.
+    Steers sharing one vector (and mode and unit) share one slot: a sweep
+    over strengths costs one slot. A relative Steer is written in absolute
+    units: its vector's recorded residual norms, else ``norms()`` (the
+    model's). On any error everything written is undone.
     """
     session = SteeringSession(ctx)
     slots: dict[tuple[int, tuple[int, ...] | None, str, int], int] = {}
@@ -250,14 +281,14 @@ def apply_steering(
                 # many s across sequences is one slot. A second Steer of the
                 # same vector on one sequence takes another slot: a
                 # (sequence, slot) pair has one binding, and both must apply.
-                base = (id(s.vector), None if s.layers is None else tuple(s.layers), s.mode)
+                base = (id(s.vector), None if s.layers is None else tuple(s.layers), s.mode + s.unit)
                 seen[base] = seen.get(base, -1) + 1
                 key = (*base, seen[base])
                 if key not in slots:
                     slots[key] = len(slots)
                     if slots[key] < ctx.steer_n_slots:
                         session._slots.append(slots[key])  # before writing: close() clears a half-written slot
-                    _write_slot(ctx, slots[key], s, n_layer, n_embd)
+                    _write_slot(ctx, slots[key], _absolute(s, norms), n_layer, n_embd)
                 b = _Binding(seq, slots[key], s, s.window(n_prompt[seq]))
                 ctx.steer_bind(b.seq, b.slot, s.strength_at(0), *b.window)
                 session._bindings.append(b)
@@ -265,6 +296,17 @@ def apply_steering(
         session.close()
         raise
     return session
+
+
+def _absolute(s: Steer, norms: Callable[[], Mapping[int, float]] | None) -> Steer:
+    if s.unit == "absolute":
+        return s
+    recorded = s.control_vector.residual_norms
+    if recorded and all(k in recorded for k in s.control_vector.layers):
+        return s.absolute(recorded)
+    if norms is None:
+        raise SteeringError("a relative strength needs the model's residual norms")
+    return s.absolute(norms())
 
 
 def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd: int, arch: str | None = None) -> None:

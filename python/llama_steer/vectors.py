@@ -27,6 +27,8 @@ FloatArray = npt.NDArray[np.float32]
 T = TypeVar("T")
 
 FIRST_LAYER = 1  # llama.cpp never steers the output of block 0 (direction.0 is invalid)
+NORM_LAYERS_KEY = "llama_steer.residual_norm.layers"
+NORM_VALUES_KEY = "llama_steer.residual_norm.values"
 
 
 def check_layer(layer: int, n_layer: int | None = None) -> int:
@@ -47,15 +49,21 @@ class ControlVector:
     ``directions`` maps a layer (>= 1) to a 1-D float32 array of length
     ``n_embd``. Vectors support ``+``, ``-``, unary ``-``, and ``*`` / ``/``
     by a scalar; layers missing on one side count as zero.
+
+    ``residual_norms`` (layer -> the model's mean residual norm there, as
+    :meth:`Model.residual_norms` measures it) is recorded by
+    :func:`~llama_steer.extract` and saved with the vector; a relative
+    strength (``Steer(..., unit="relative")``) uses it.
     """
 
-    __slots__ = ("_directions", "model_hint", "diagnostics")
+    __slots__ = ("_directions", "model_hint", "diagnostics", "residual_norms")
 
     def __init__(
         self,
         directions: Mapping[int, npt.ArrayLike],
         model_hint: str = "",
         diagnostics: Mapping[str, Any] | None = None,
+        residual_norms: Mapping[int, float] | None = None,
     ) -> None:
         dirs: dict[int, FloatArray] = {}
         n_embd = None
@@ -77,6 +85,12 @@ class ControlVector:
         self._directions = dict(sorted(dirs.items()))
         self.model_hint = str(model_hint)
         self.diagnostics: dict[str, Any] = dict(diagnostics or {})
+        self.residual_norms: dict[int, float] | None = None
+        if residual_norms is not None:
+            norms = {check_layer(k): float(np.float32(v)) for k, v in residual_norms.items()}  # as saved
+            if not all(math.isfinite(v) and v > 0 for v in norms.values()):
+                raise ValueError("residual norms must be positive and finite")
+            self.residual_norms = dict(sorted(norms.items()))
 
     # -- mapping-like access ------------------------------------------------
     @property
@@ -148,7 +162,8 @@ class ControlVector:
                 out[layer] = a.copy()
             else:
                 out[layer] = a + sign * b
-        return ControlVector(out, self.model_hint or other.model_hint)
+        norms = self.residual_norms or other.residual_norms
+        return ControlVector(out, self.model_hint or other.model_hint, None, norms)
 
     def __add__(self, other: ControlVector) -> ControlVector:
         return self._combine(other, 1.0)
@@ -164,7 +179,8 @@ class ControlVector:
             return NotImplemented
         if not math.isfinite(float(scalar)):
             raise ValueError("cannot scale a control vector by a non-finite number")
-        return ControlVector({k: v * np.float32(scalar) for k, v in self.items()}, self.model_hint)
+        scaled = {k: v * np.float32(scalar) for k, v in self.items()}
+        return ControlVector(scaled, self.model_hint, None, self.residual_norms)
 
     __rmul__ = __mul__
 
@@ -181,7 +197,7 @@ class ControlVector:
         for k, v in self.items():
             n = float(np.linalg.norm(v))
             out[k] = v / n if n > 0 else v.copy()
-        return ControlVector(out, self.model_hint, self.diagnostics)
+        return ControlVector(out, self.model_hint, self.diagnostics, self.residual_norms)
 
     def select(self, layers: Iterable[int]) -> ControlVector:
         """Only the given layers (each must be present)."""
@@ -189,7 +205,8 @@ class ControlVector:
         missing = [k for k in wanted if k not in self._directions]
         if missing:
             raise ValueError(f"layers {missing} are not in this vector (it has {self.layers[0]}..{self.layers[-1]})")
-        return ControlVector({k: self._directions[k] for k in wanted}, self.model_hint, self.diagnostics)
+        picked = {k: self._directions[k] for k in wanted}
+        return ControlVector(picked, self.model_hint, self.diagnostics, self.residual_norms)
 
     def plot_layers(self, path: str | os.PathLike[str]) -> Path:
         """Write a PNG of the extraction diagnostics by layer (held-out
@@ -244,6 +261,9 @@ class ControlVector:
             writer = gguf.GGUFWriter(tmp, "controlvector")
             writer.add_string("controlvector.model_hint", self.model_hint)
             writer.add_uint32("controlvector.layer_count", len(self))
+            if self.residual_norms:  # ours; llama.cpp ignores keys it does not know
+                writer.add_array(NORM_LAYERS_KEY, list(self.residual_norms))
+                writer.add_array(NORM_VALUES_KEY, list(self.residual_norms.values()))
             for layer, vec in self.items():
                 writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(vec, dtype=np.float32))
             writer.write_header_to_file()
@@ -286,9 +306,16 @@ class ControlVector:
             dirs[layer] = dirs[layer] + data if layer in dirs else data
         if not dirs:
             raise VectorFileError(f"{path}: no direction tensors")
+        norms = None
+        if NORM_LAYERS_KEY in reader.fields or NORM_VALUES_KEY in reader.fields:
+            layers = reader.fields[NORM_LAYERS_KEY].contents() if NORM_LAYERS_KEY in reader.fields else []
+            values = reader.fields[NORM_VALUES_KEY].contents() if NORM_VALUES_KEY in reader.fields else []
+            if not isinstance(layers, list) or not isinstance(values, list) or len(layers) != len(values):
+                raise VectorFileError(f"{path}: {NORM_LAYERS_KEY} and {NORM_VALUES_KEY} do not match")
+            norms = dict(zip(layers, values))
         try:
-            return cls(dirs, hint)
-        except ValueError as exc:
+            return cls(dirs, hint, None, norms)
+        except (ValueError, TypeError) as exc:
             raise VectorFileError(f"{path}: {exc}") from exc
 
 
