@@ -56,3 +56,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def gpu_model(model_path: Path) -> Iterator[ls.Model]:
     with ls.Model(model_path, n_ctx=2048, n_threads=N_THREADS, n_gpu_layers=-1) as m:
         yield m
+
+
+@pytest.fixture(scope="session")
+def f32_path(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full-precision copy of the bundled model (F32 weights, written by
+    ls.dequantize_model): where exact-arithmetic invariants can be tested."""
+    out = tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf"
+    ls.dequantize_model(model_path, out, dtype="f32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def f32_model(f32_path: Path) -> Iterator[ls.Model]:
+    with ls.Model(f32_path, n_ctx=512, n_threads=N_THREADS, kv_cache="f32") as m:
+        yield m

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -65,19 +64,6 @@ def happy(model: ls.Model) -> ls.ControlVector:
 @pytest.fixture(scope="module")
 def chats(model: ls.Model) -> list[str]:
     return [model.apply_chat_template([{"role": "user", "content": c}]) for c in CHATS]
-
-
-@pytest.fixture(scope="module")
-def f32_path(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf"
-    ls.dequantize_model(model_path, out, dtype="f32", progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def f32_model(f32_path: Path) -> Iterator[ls.Model]:
-    with ls.Model(f32_path, n_ctx=512, n_threads=2, kv_cache="f32") as m:
-        yield m
 
 
 # ---------------------------------------------------------------- the core

@@ -27,6 +27,7 @@ from .errors import (
 from .evaluation import ABDataset, EvalResult, evaluate, load_ab_dataset, plot_curve, word_odds_curve
 from .extraction import Pair, behaviours, extract, load_pairs, persona_pairs
 from .model import ConditionResult, Model, Token
+from .plan import PlanCell, SteeringPlan, find_steering
 from .sampling import SamplingParams
 from .steer import Steer
 from .vectors import ControlVector
@@ -44,6 +45,9 @@ __all__ = [
     "ConditionResult",
     "ConditionSearch",
     "find_condition",
+    "find_steering",
+    "PlanCell",
+    "SteeringPlan",
     "topic_prompts",
     "ABDataset",
     "EvalResult",

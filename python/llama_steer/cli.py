@@ -15,7 +15,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -114,6 +114,10 @@ def _user_prompt(model: Model, text: str, chat: bool) -> str:
     return model.apply_chat_template([{"role": "user", "content": text}]) if chat else text
 
 
+def _unit(args: argparse.Namespace) -> Literal["absolute", "relative"]:
+    return "relative" if getattr(args, "relative", False) else "absolute"
+
+
 def _steers(args: argparse.Namespace, model: Model) -> list[Steer]:
     layers = args.layers
     if getattr(args, "layer_range", None):
@@ -122,7 +126,9 @@ def _steers(args: argparse.Namespace, model: Model) -> list[Steer]:
     steers = []
     for spec in args.vector or []:
         vec, strength = _load_vector(spec)
-        steers.append(Steer(vec, strength * args.scale, layers=_clip(layers, vec), positions=args.positions))
+        steers.append(
+            Steer(vec, strength * args.scale, layers=_clip(layers, vec), positions=args.positions, unit=_unit(args))
+        )
     for spec in args.ablate or []:  # an ablation strength is the fraction removed: --scale leaves it alone
         vec, strength = _load_vector(spec)
         steers.append(Steer(vec, strength, layers=_clip(layers, vec), positions=args.positions, mode="ablate"))
@@ -188,6 +194,11 @@ def _add_steer_args(p: argparse.ArgumentParser, *, vector_required: bool = False
         help="control vector GGUF, optionally with a strength (repeatable)",
     )
     g.add_argument("--scale", type=float, default=1.0, help="multiply every --vector strength")
+    g.add_argument(
+        "--relative",
+        action="store_true",
+        help="--vector strengths are fractions of the model's residual norm per layer (see llama-steer find)",
+    )
     g.add_argument("--layers", type=parse_layers, default=None, metavar="A-B", help="steer only layers A..B")
     g.add_argument(
         "--control-vector-layer-range",
@@ -388,7 +399,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         else:
             vec, base = _load_vector(args.vector)
             layers = _clip(args.layers, vec)
-            steers = [Steer(vec, base * s, layers=layers, positions=args.positions) for s in strengths]
+            unit = _unit(args)
+            steers = [Steer(vec, base * s, layers=layers, positions=args.positions, unit=unit) for s in strengths]
         texts = [""] * len(strengths)
         for i, token in model.generate_batch([prompt] * len(strengths), steers, **_sampling(args)):
             texts[i] += token.text
@@ -428,6 +440,31 @@ def plot_sweep(strengths: Sequence[float], texts: Sequence[str], path: str | Pat
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from .plan import find_steering
+
+    vec = ControlVector.load(args.vector)
+    with _load(args) as model:
+        plan = find_steering(
+            model,
+            vec,
+            args.dataset,
+            strengths=args.strengths,
+            max_damage=args.max_damage,
+            max_items=args.max_items,
+        )
+    print(plan.as_table())
+    print(
+        f"\nchosen: --layers {plan.layers[0]}-{plan.layers[-1]} --relative --vector {args.vector}:"
+        f"{plan.relative_strength:g}   (about --vector {args.vector}:{plan.strength:.1f} in absolute units; "
+        f"effect {plan.effect:.2f}, damage {100 * plan.damage:.1f}%; measured in {plan.seconds:.1f} s)"
+    )
+    if args.plot:
+        plan.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
 
 
 def cmd_bake(args: argparse.Namespace) -> int:
@@ -616,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--vector", metavar="FILE[:S]", help="control vector (or --actadd)")
     p.add_argument("--strengths", type=parse_strengths, default=parse_strengths("-8,-4,0,4,8"), metavar="S,S,...")
+    p.add_argument("--relative", action="store_true", help="strengths are fractions of the residual norm")
     p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B")
     p.add_argument("--positions", type=parse_positions, default="all", metavar="WHICH")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the model's chat template")
@@ -625,6 +663,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(temperature=0.0)
     _add_model_args(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("find", help="measure effect and damage over layer bands x strengths; print the plan")
+    p.add_argument("--vector", required=True, metavar="FILE", help="control vector GGUF")
+    p.add_argument("--dataset", default="happy", help="held-out A/B items: CAA-format JSON or a bundled name")
+    p.add_argument("--strengths", type=parse_strengths, default=None, metavar="S,S,...", help="relative, positive")
+    p.add_argument("--max-damage", type=float, default=0.10, help="bound on the NLL increase (default 0.10)")
+    p.add_argument("--max-items", type=int, default=12, help="A/B items per cell (default 12)")
+    p.add_argument("--plot", help="write the effect heat map PNG")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_find)
 
     p = sub.add_parser("bake", help="write a GGUF with the steering in its weights, for stock llama.cpp/ollama")
     p.add_argument("-o", "--output", required=True, help="GGUF model to write")

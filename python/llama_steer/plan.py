@@ -1,0 +1,263 @@
+"""Where and how hard to steer: an effect-based search over layer bands and
+strengths (:func:`find_steering`).
+
+Separation (how well a layer's activations tell the two behaviours apart,
+what ``ControlVector.plot_layers`` shows) is not steerability. The search
+measures what steering does instead, for every (band, strength) cell:
+
+- **effect**: how much more the steered model prefers the matching answer of
+  held-out A/B items over the other: the log-odds of the two whole replies
+  at ``+s`` minus those at ``-s``, halved, averaged over items;
+- **damage**: how much the steering raises the model's negative
+  log-likelihood of a neutral reference text (relative to unsteered; the
+  worse of the two signs).
+
+Strengths are relative (``Steer(..., unit="relative")``: a fraction of the
+model's residual norm at each layer), so a plan carries across models. Every
+cell is scored in the same batched passes (:func:`~llama_steer.scoring.score_jobs`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .evaluation import ABItem, DatasetLike, _as_dataset, ab_prompt, answer_reply
+from .scoring import ScoreJob, score_jobs, split_at_seam
+from .steer import Steer
+from .vectors import FIRST_LAYER, ControlVector
+
+if TYPE_CHECKING:
+    from .model import Model
+
+DEFAULT_STRENGTHS = (0.02, 0.04, 0.08, 0.16)  # relative: a geometric grid
+DEFAULT_MAX_DAMAGE = 0.10  # NLL of the reference text up by at most 10%
+DEFAULT_ITEMS = 12  # held-out A/B items scored per cell
+REFERENCE_TOKENS = 96  # tokens of the reference text whose NLL is the damage
+
+
+@dataclass(frozen=True)
+class PlanCell:
+    """One measured (layer band, relative strength) cell."""
+
+    layers: tuple[int, int]  # first and last layer of the band
+    relative_strength: float
+    effect: float  # (shift_plus - shift_minus) / 2
+    damage: float  # relative NLL increase of the reference text (worse sign)
+    shift_plus: float = 0.0  # mean log-odds change toward the matching answer at +strength
+    shift_minus: float = 0.0  # ... at -strength
+
+
+@dataclass
+class SteeringPlan:
+    """The search's answer (:func:`find_steering`) and everything it measured."""
+
+    vector: ControlVector
+    layers: tuple[int, ...]
+    relative_strength: float
+    strength: float  # absolute, at the band's middle layer (for the CLI's --strength)
+    effect: float
+    damage: float
+    max_damage: float
+    table: list[PlanCell] = field(default_factory=list)
+    seconds: float = 0.0
+    model: str = ""
+
+    def steer(self, sign: float = 1.0) -> Steer:
+        """The chosen steering (``sign=-1`` steers the other way)."""
+        return Steer(self.vector, sign * self.relative_strength, layers=self.layers, unit="relative")
+
+    def as_table(self) -> str:
+        """Every cell, effect and damage, the chosen one marked."""
+        bands = sorted({c.layers for c in self.table})
+        strengths = sorted({c.relative_strength for c in self.table})
+        cells = {(c.layers, c.relative_strength): c for c in self.table}
+        head = "layers   " + "".join(f"{s:>16g}" for s in strengths)
+        lines = [f"effect (log-odds) / damage (NLL +%), relative strengths; bound {100 * self.max_damage:.0f}%", head]
+        chosen = (self.layers[0], self.layers[-1]), self.relative_strength
+        for b in bands:
+            row = f"{b[0]:>2}-{b[1]:<5}"
+            for s in strengths:
+                c = cells[(b, s)]
+                mark = "*" if (b, s) == chosen else ("!" if c.damage > self.max_damage else " ")
+                row += f"{c.effect:>8.2f} /{100 * c.damage:>5.1f}%{mark}"
+            lines.append(row)
+        lines.append("* chosen   ! over the damage bound")
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """A heat map of effect over (band, strength) with the cells over the
+        damage bound hatched; returns the path."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+
+        bands = sorted({c.layers for c in self.table})
+        strengths = sorted({c.relative_strength for c in self.table})
+        cells = {(c.layers, c.relative_strength): c for c in self.table}
+        eff = np.array([[cells[(b, s)].effect for s in strengths] for b in bands])
+        fig, ax = plt.subplots(figsize=(1.4 * len(strengths) + 2.5, 0.45 * len(bands) + 1.8))
+        im = ax.imshow(eff, cmap="viridis", aspect="auto")
+        for i, b in enumerate(bands):
+            for j, s in enumerate(strengths):
+                c = cells[(b, s)]
+                over = c.damage > self.max_damage
+                if over:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="red", lw=0))
+                chosen = (b, s) == ((self.layers[0], self.layers[-1]), self.relative_strength)
+                ax.text(
+                    j,
+                    i,
+                    f"{c.effect:.2f}" + (" *" if chosen else ""),
+                    ha="center",
+                    va="center",
+                    color="white" if not over else "red",
+                    fontsize=8,
+                )
+        ax.set_xticks(range(len(strengths)), [f"{s:g}" for s in strengths])
+        ax.set_yticks(range(len(bands)), [f"{b[0]}-{b[1]}" for b in bands])
+        ax.set_xlabel("relative strength (fraction of the residual norm)")
+        ax.set_ylabel("layers")
+        ax.set_title(f"{self.model}: effect (log-odds); hatched: NLL up > {100 * self.max_damage:.0f}%", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def default_bands(n_layer: int) -> list[tuple[int, int]]:
+    """Contiguous bands across the depth: the four quarters, and three halves
+    starting at each of the first three quarters (the last band of each kind
+    runs to the last layer). 29 layers: 1-7, 8-14, 15-21, 22-29, 1-14, 8-21, 15-29."""
+    last = n_layer - 1
+    q = max(1, (last - FIRST_LAYER + 1) // 4)
+    starts = [FIRST_LAYER + i * q for i in range(4) if FIRST_LAYER + i * q <= last]
+    quarters = [(a, starts[i + 1] - 1 if i + 1 < len(starts) else last) for i, a in enumerate(starts)]
+    halves = [(a, starts[i + 2] - 1 if i + 2 < len(starts) else last) for i, a in enumerate(starts[:-1])]
+    return list(dict.fromkeys(quarters + halves))
+
+
+def reference_text() -> str:
+    """The bundled neutral text damage is measured on."""
+    return resources.files("llama_steer").joinpath("data/reference.txt").read_text(encoding="utf-8")
+
+
+def measure(
+    model: Model,
+    vector: ControlVector,
+    items: Sequence[ABItem],
+    cells: Sequence[tuple[tuple[int, int], float]],
+    *,
+    reference: str | None = None,
+) -> list[PlanCell]:
+    """Effect and damage of each ``(band, relative strength)`` cell (a
+    strength may be 0) on A/B ``items`` (e.g. ``load_ab_dataset("happy").items``),
+    all scored in one batched pass with the unsteered baseline: the engine of
+    :func:`find_steering`."""
+    if not items:
+        raise ValueError("no pairs to measure the effect on")
+    model.engine.check_steers([Steer(vector, 1.0)])
+    splits = []  # per item: the prompt once, the two replies branching off it
+    for item in items:
+        replies = [answer_reply(item, item.matching), answer_reply(item, item.not_matching)]
+        splits.append(split_at_seam(model, ab_prompt(model, item.question), replies))
+    # Reference: a short head as the prompt, the rest scored token by token.
+    ref_tokens = model.tokenize(reference or reference_text(), add_special=True)[:REFERENCE_TOKENS]
+    if len(ref_tokens) < 8:
+        raise ValueError("the reference text is too short (fewer than 8 tokens)")
+    steers: list[list[Steer]] = [[]]  # the unsteered baseline first
+    for (a, b), s in cells:
+        for sign in (1.0, -1.0):
+            steers.append([Steer(vector, sign * s, layers=range(a, b + 1), unit="relative")])
+    jobs = []
+    for st in steers:
+        jobs += [ScoreJob(head, tails, st) for head, tails in splits]
+        jobs.append(ScoreJob(ref_tokens[:4], [ref_tokens[4:]], st))
+    scored = score_jobs(model, jobs)
+    per = len(splits) + 1
+    log_odds = np.empty((len(steers), len(splits)))
+    nll = np.empty(len(steers))
+    for i in range(len(steers)):
+        block = scored[i * per : (i + 1) * per]
+        log_odds[i] = [float(m.sum() - o.sum()) for m, o in block[:-1]]
+        nll[i] = -float(block[-1][0].mean())
+    table = []
+    for c, (band, s) in enumerate(cells):
+        plus, minus = 1 + 2 * c, 2 + 2 * c
+        up, down = float(np.mean(log_odds[plus] - log_odds[0])), float(np.mean(log_odds[minus] - log_odds[0]))
+        damage = float(max(nll[plus], nll[minus]) / nll[0] - 1)
+        table.append(PlanCell(band, s, (up - down) / 2, damage, up, down))
+    return table
+
+
+def find_steering(
+    model: Model,
+    vector: ControlVector,
+    pairs: DatasetLike = "happy",
+    *,
+    bands: Sequence[tuple[int, int]] | None = None,
+    strengths: Sequence[float] | None = None,
+    reference: str | None = None,
+    max_damage: float = DEFAULT_MAX_DAMAGE,
+    max_items: int | None = DEFAULT_ITEMS,
+) -> SteeringPlan:
+    """Measure effect and damage over layer bands x relative strengths and
+    pick the cell with the largest effect whose damage stays within
+    ``max_damage`` (a relative NLL increase; default 10%).
+
+    ``pairs``: held-out A/B items (an :class:`ABDataset`, a bundled name such
+    as ``"happy"``, a path; not what the vector was extracted from), the first
+    ``max_items`` used. ``bands``: ``(first, last)`` layer ranges (default:
+    :func:`default_bands`). ``strengths``: positive relative strengths
+    (default :data:`DEFAULT_STRENGTHS`); each is measured at + and -.
+    ``reference``: the neutral text for damage (default: the bundled one).
+    Raises ``ValueError`` for empty pairs, bands outside the model or the
+    vector, or a non-positive strength.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(vector, ControlVector):
+        raise TypeError(f"vector must be a ControlVector, got {type(vector).__name__}")
+    items = list(_as_dataset(pairs))[: max_items if max_items is not None else None]
+    if not items:
+        raise ValueError("no pairs to measure the effect on")
+    grid = [float(s) for s in (strengths if strengths is not None else DEFAULT_STRENGTHS)]
+    if not grid or any(not np.isfinite(s) or s <= 0 for s in grid):
+        raise ValueError(f"strengths must be positive and finite (each is tried at + and -), got {grid}")
+    band_list = [(int(a), int(b)) for a, b in (bands if bands is not None else default_bands(model.n_layer))]
+    if not band_list:
+        raise ValueError("no layer bands to try")
+    for a, b in band_list:
+        if not FIRST_LAYER <= a <= b < model.n_layer:
+            raise ValueError(f"band {a}-{b} is outside the model's layers {FIRST_LAYER}..{model.n_layer - 1}")
+        missing = [k for k in range(a, b + 1) if k not in vector]
+        if missing:
+            raise ValueError(f"band {a}-{b}: the vector has no direction at layers {missing}")
+    norms = model.residual_norms()
+    table = measure(model, vector, items, [(band, s) for band in band_list for s in grid], reference=reference)
+    ok = [c for c in table if c.damage <= max_damage] or [min(table, key=lambda c: c.damage)]
+    best = max(ok, key=lambda c: c.effect)
+    layers = tuple(range(best.layers[0], best.layers[1] + 1))
+    mid = layers[len(layers) // 2]
+    return SteeringPlan(
+        vector=vector,
+        layers=layers,
+        relative_strength=best.relative_strength,
+        strength=best.relative_strength * norms[mid],
+        effect=best.effect,
+        damage=best.damage,
+        max_damage=max_damage,
+        table=table,
+        seconds=time.perf_counter() - t0,
+        model=model.name,
+    )
