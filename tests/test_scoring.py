@@ -62,6 +62,25 @@ def test_steering_applies_to_the_continuation(model: ls.Model) -> None:
         assert np.abs(g[1:] - p[1:]).max() > 0.05
 
 
+def test_branch_steering_equals_a_job_per_branch(model: ls.Model) -> None:
+    """Continuations steered each their own way off one shared prompt score
+    as if each had its own job with that steering on generated positions."""
+    rng = np.random.default_rng(1)
+    vec = ls.ControlVector({il: rng.standard_normal(model.n_embd).astype(np.float32) for il in range(8, 20)})
+    head, tails = split_at_seam(model, _prompt(model), CONTINUATIONS[:2])
+    steers = [[], [ls.Steer(vec, 0.5, positions="generated")], [ls.Steer(vec, -0.5, positions="generated")]]
+    conts = [t for _ in steers for t in tails]
+    branched = score_jobs(model, [ScoreJob(head, conts, (), [st for st in steers for _ in tails])])[0]
+    alone = [x for st in steers for x in score_jobs(model, [ScoreJob(head, tails, st)])[0]]
+    for b, a in zip(branched, alone):
+        np.testing.assert_allclose(b, a, atol=1e-3)
+    assert np.abs(branched[2] - branched[0]).max() > 0.05  # the steering did act
+    with pytest.raises(ValueError, match="generated positions only"):
+        score_jobs(model, [ScoreJob(head, tails, (), [[ls.Steer(vec, 0.5)], []])])
+    with pytest.raises(ValueError, match="one list of steers per continuation"):
+        score_jobs(model, [ScoreJob(head, tails, (), [[]])])
+
+
 def test_many_jobs_in_batches_equal_one_by_one(model: ls.Model) -> None:
     """Jobs of different prompts and strengths split over several batches
     (n_seq_max 4 forces that) give the numbers of each job alone."""

@@ -14,7 +14,13 @@ measures what steering does instead, for every (band, strength) cell:
 
 Strengths are relative (``Steer(..., unit="relative")``: a fraction of the
 model's residual norm at each layer), so a plan carries across models. Every
-cell is scored in the same batched passes (:func:`~llama_steer.scoring.score_jobs`).
+cell is scored in the same batched passes (:func:`~llama_steer.scoring.score_jobs`):
+each question is decoded once, unsteered, and every cell's two replies branch
+off it, steered on the reply's tokens (and the question's last token). That
+makes a cell cost its replies only (the default 7 x 4 grid on the bundled
+SmolLM2: about 65 s on 2 cores, against about 10x that when every cell
+decoded its questions again); the LM head over every reply token is now
+most of the cost.
 """
 
 from __future__ import annotations
@@ -168,30 +174,44 @@ def measure(
     if not items:
         raise ValueError("no pairs to measure the effect on")
     model.engine.check_steers([Steer(vector, 1.0)])
-    splits = []  # per item: the prompt once, the two replies branching off it
-    for item in items:
-        replies = [answer_reply(item, item.matching), answer_reply(item, item.not_matching)]
-        splits.append(split_at_seam(model, ab_prompt(model, item.question), replies))
-    # Reference: a short head as the prompt, the rest scored token by token.
-    ref_tokens = model.tokenize(reference or reference_text(), add_special=True)[:REFERENCE_TOKENS]
-    if len(ref_tokens) < 8:
-        raise ValueError("the reference text is too short (fewer than 8 tokens)")
+    # Each item's question is decoded once, unsteered, and every cell's two
+    # replies branch off it, steered on their own tokens (and the question's
+    # last token, whose row predicts the reply's first): the cost of a cell
+    # is its replies, not the question again.
     steers: list[list[Steer]] = [[]]  # the unsteered baseline first
     for (a, b), s in cells:
         for sign in (1.0, -1.0):
-            steers.append([Steer(vector, sign * s, layers=range(a, b + 1), unit="relative")])
-    jobs = []
+            span = range(a, b + 1)
+            steers.append([Steer(vector, sign * s, layers=span, unit="relative", positions="generated")])
+    per_job = max(1, model.engine.ctx.n_seq_max // 2)  # steers per job: two replies each
+    jobs: list[ScoreJob] = []
+    for item in items:
+        replies = [answer_reply(item, item.matching), answer_reply(item, item.not_matching)]
+        head, tails = split_at_seam(model, ab_prompt(model, item.question), replies)
+        if len(head) < 2:
+            raise ValueError(f"item {item.question[:40]!r}: its prompt is too short to branch from")
+        branches = [[head[-1], *t] for t in tails]
+        for k in range(0, len(steers), per_job):
+            chunk = steers[k : k + per_job]
+            conts = [c for _ in chunk for c in branches]
+            jobs.append(ScoreJob(head[:-1], conts, (), [st for st in chunk for _ in branches]))
+    # Reference: a short head as the prompt, the rest scored token by token,
+    # steered everywhere, as in generation.
+    ref_tokens = model.tokenize(reference or reference_text(), add_special=True)[:REFERENCE_TOKENS]
+    if len(ref_tokens) < 8:
+        raise ValueError("the reference text is too short (fewer than 8 tokens)")
+    n_item_jobs = len(jobs)
     for st in steers:
-        jobs += [ScoreJob(head, tails, st) for head, tails in splits]
-        jobs.append(ScoreJob(ref_tokens[:4], [ref_tokens[4:]], st))
+        everywhere = [Steer(x.vector, x.strength, layers=x.layers, unit=x.unit) for x in st]
+        jobs.append(ScoreJob(ref_tokens[:4], [ref_tokens[4:]], everywhere))
     scored = score_jobs(model, jobs)
-    per = len(splits) + 1
-    log_odds = np.empty((len(steers), len(splits)))
-    nll = np.empty(len(steers))
-    for i in range(len(steers)):
-        block = scored[i * per : (i + 1) * per]
-        log_odds[i] = [float(m.sum() - o.sum()) for m, o in block[:-1]]
-        nll[i] = -float(block[-1][0].mean())
+    # log-odds per (steer, item): the jobs of an item hold its steers in order
+    log_odds = np.empty((len(steers), len(items)))
+    jobs_per_item = n_item_jobs // len(items)
+    for j, item_jobs in enumerate(range(0, n_item_jobs, jobs_per_item)):
+        flat = [x for job in scored[item_jobs : item_jobs + jobs_per_item] for x in job]
+        log_odds[:, j] = [float(flat[2 * i].sum() - flat[2 * i + 1].sum()) for i in range(len(steers))]
+    nll = np.array([-float(scored[n_item_jobs + i][0].mean()) for i in range(len(steers))])
     table = []
     for c, (band, s) in enumerate(cells):
         plus, minus = 1 + 2 * c, 2 + 2 * c

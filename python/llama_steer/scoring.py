@@ -27,11 +27,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ScoreJob:
     """A prompt (token ids), the continuations to score after it (token ids,
-    each non-empty) and the steering of all of them."""
+    each non-empty) and the steering of all of them; ``branch_steers[i]``
+    (optional) steers continuation i alone, on its own tokens only
+    (``positions="generated"``: the prompt is decoded once for all)."""
 
     prompt: Sequence[int]
     continuations: Sequence[Sequence[int]]
     steers: Sequence[Steer] = ()
+    branch_steers: Sequence[Sequence[Steer]] = ()
 
     @property
     def n_cells(self) -> int:
@@ -122,14 +125,19 @@ def score_jobs(
             raise ValueError("no continuations to score")
         if any(not c for c in job.continuations):
             raise ValueError("a continuation is empty")
-        for s in job.steers:
+        if job.branch_steers and len(job.branch_steers) != len(job.continuations):
+            raise ValueError("branch_steers needs one list of steers per continuation")
+        branch = [s for b in job.branch_steers for s in b]
+        if any(s.positions != "generated" for s in branch):
+            raise ValueError("a branch's steering must act on generated positions only: the prompt is shared")
+        for s in [*job.steers, *branch]:
             if s.scheduled:
                 raise ValueError("scoring takes constant strengths, not a schedule")
             if s.condition is not None:
                 raise ValueError("scoring takes no conditional steering (a condition gates generated tokens)")
             if s.actadd is not None and s.actadd.pad_prompt:
                 raise ValueError("scoring takes no ActAdd with pad_prompt (the prompt and continuation are fixed)")
-        eng.check_steers(list(job.steers))
+        eng.check_steers([*job.steers, *branch])
     out: list[list[npt.NDArray[np.float64]]] = []
     for group in _groups(jobs, eng.ctx.n_seq_max, eng.n_ctx):
         batch = [jobs[i] for i in group]
@@ -148,10 +156,11 @@ def _score_group(eng: Engine, jobs: Sequence[ScoreJob]) -> list[list[npt.NDArray
         seqs = range(n_seqs, n_seqs + len(job.continuations))
         n_seqs += len(job.continuations)
         seqs_of.append(seqs)
-        for s in seqs:
+        for i, s in enumerate(seqs):
             n_prompt[s] = len(job.prompt)
-            if job.steers:
-                per_seq[s] = list(job.steers)
+            steers = [*job.steers, *(job.branch_steers[i] if job.branch_steers else ())]
+            if steers:
+                per_seq[s] = steers
 
     # Head: every prompt but its last token, shared by its sequences.
     head = TokenBatch()
