@@ -210,8 +210,10 @@ class ControlVector:
 
     def plot_layers(self, path: str | os.PathLike[str]) -> Path:
         """Write a PNG of the extraction diagnostics by layer (held-out
-        separation, explained variance, residual norm) to choose where to
-        steer. Needs a vector made by :func:`llama_steer.extract`."""
+        separation, explained variance, residual norm). Separation says where
+        the behaviours differ, not where steering works: for that, measure
+        with :func:`llama_steer.find_steering`. Needs a vector made by
+        :func:`llama_steer.extract`."""
         diag = self.diagnostics
         if "heldout_auc" not in diag:
             raise ValueError("this vector has no extraction diagnostics to plot")
@@ -242,7 +244,7 @@ class ControlVector:
         l2, lb2 = ax2.get_legend_handles_labels()
         ax.legend(lines + l2, labels + lb2, loc="lower right", fontsize=8)
         title = f"{diag.get('method', '')} on {diag.get('n_pairs', '?')} pairs"
-        ax.set_title(f"Where to steer: {title} ({self.model_hint or 'model'})")
+        ax.set_title(f"Separation by layer: {title} ({self.model_hint or 'model'})")
         fig.tight_layout()
         out = Path(path)
         fig.savefig(out)
