@@ -19,18 +19,10 @@ import time
 
 import numpy as np
 
-QUESTIONS = [
-    "How are you feeling today?",
-    "Tell me about your weekend.",
-    "What do you think about rainy days?",
-    "Describe your morning.",
-    "How was work this week?",
-    "What is your favourite season and why?",
-]
-
 
 def main() -> int:
     import llama_steer as ls
+    from llama_steer.plan import NEUTRAL_QUESTIONS as QUESTIONS
 
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer

@@ -23,16 +23,9 @@ import numpy as np
 import pytest
 from lexicon import mood
 from llama_steer import _core
+from llama_steer.plan import NEUTRAL_QUESTIONS as CHATS
 
 ROOT = Path(__file__).resolve().parents[1]
-CHATS = [
-    "How are you feeling today?",
-    "Tell me about your weekend.",
-    "What do you think about rainy days?",
-    "Describe your morning.",
-    "How was work this week?",
-    "What is your favourite season and why?",
-]
 HELD_OUT = [
     "What is the capital of Spain?",
     "Write a short poem about the sea.",

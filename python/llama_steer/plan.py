@@ -47,6 +47,16 @@ DEFAULT_STRENGTHS = (0.02, 0.04, 0.08, 0.16)  # relative: a geometric grid
 DEFAULT_MAX_DAMAGE = 0.10  # NLL of the reference text up by at most 10%
 DEFAULT_ITEMS = 12  # held-out A/B items scored per cell
 REFERENCE_TOKENS = 96  # tokens of the reference text whose NLL is the damage
+# Questions with no mood of their own, for looking at steered answers
+# (benchmarks/find_steering.py, tests/test_bake.py).
+NEUTRAL_QUESTIONS = (
+    "How are you feeling today?",
+    "Tell me about your weekend.",
+    "What do you think about rainy days?",
+    "Describe your morning.",
+    "How was work this week?",
+    "What is your favourite season and why?",
+)
 
 
 @dataclass(frozen=True)
