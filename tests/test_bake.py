@@ -421,7 +421,7 @@ except OSError as exc:
     assert list(out_dir.iterdir()) == []
 
 
-def test_cli_bake(model_path: Path, happy: ls.ControlVector, tmp_path: Path) -> None:
+def test_cli_bake(model_path: Path, happy: ls.ControlVector, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from llama_steer.cli import main
 
     vec = tmp_path / "happy.gguf"
@@ -430,6 +430,10 @@ def test_cli_bake(model_path: Path, happy: ls.ControlVector, tmp_path: Path) -> 
     assert main(["bake", "--vector", f"{vec}:4", "--layers", "8-21", "-o", str(out), "-m", str(model_path)]) == 0
     names = {t.name for t in gguf.GGUFReader(out).tensors}
     assert {f"blk.{k}.ffn_down.bias" for k in range(8, 22)} <= names
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "baked steering" in shown and happy.select(range(8, 22)).fingerprint() in shown
     assert main(["bake", "--vector", f"{vec}:4", "-o", str(out), "-m", str(model_path)]) == 1  # exists
     abl = tmp_path / "ablated.gguf"
     assert main(["bake", "--ablate", str(vec), "-o", str(abl), "-m", str(model_path)]) == 1  # many directions

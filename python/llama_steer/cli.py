@@ -518,9 +518,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"control vector: {path} ({size_mb:.2f} MiB)")
         print(f"  model hint: {vec.model_hint or '-'}")
         print(f"  layers: {vec.layers[0]}..{vec.layers[-1]} ({len(vec)}), n_embd {vec.n_embd}")
-        print("  layer      norm")
+        norms = vec.residual_norms or {}
+        print("  layer      norm  model's residual norm" if norms else "  layer      norm")
         for k in vec.layers:
-            print(f"  {k:5d}  {float(np.linalg.norm(vec[k])):8.3f}")
+            extra = f"  {norms[k]:12.1f}" if k in norms else ""
+            print(f"  {k:5d}  {float(np.linalg.norm(vec[k])):8.3f}{extra}")
         return 0
     print(f"model: {path} ({size_mb:.1f} MiB)")
     print(f"  name: {field('general.name') or '-'}")
@@ -532,6 +534,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     print(f"  tensors: {len(reader.tensors)} ({', '.join(f'{k} x{v}' for k, v in sorted(types.items()))})")
     print(f"  chat template: {'yes' if field('tokenizer.chat_template') else 'no'}")
+    baked = reader.fields.get("llama_steer.steers")
+    if baked is not None:  # written by llama-steer bake
+        print(f"  baked steering (llama-steer {field('llama_steer.version')}, from {field('llama_steer.source')}):")
+        for entry in baked.contents():
+            print(f"    {entry}")
     return 0
 
 
