@@ -11,6 +11,7 @@ only the first call pays for the build.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,24 @@ def source_tree(pristine: bool) -> Path:
     return PRISTINE_SRC
 
 
+def _tool(name: str) -> str:
+    """cmake or ninja: the pip package's (the test extra installs them, and a
+    venv's bin/ need not be on PATH), else whatever PATH has."""
+    try:
+        if name == "cmake":
+            import cmake  # type: ignore[import-not-found]
+
+            return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+        import ninja  # type: ignore[import-not-found]
+
+        return str(Path(ninja.BIN_DIR) / "ninja")
+    except ImportError:
+        found = shutil.which(name)
+        if found is None:
+            raise RuntimeError(f"{name} is needed to build llama.cpp's tools: pip install {name}") from None
+        return found
+
+
 def build_tools(*targets: str, pristine: bool = False) -> Path:
     """Configure once and build ``targets`` (e.g. "llama-completion"); returns bin/."""
     src = source_tree(pristine)
@@ -64,15 +83,18 @@ def build_tools(*targets: str, pristine: bool = False) -> Path:
             "-DGGML_AMX_BF16=OFF",
         ]
         flags += [f"-DGGML_{f}=ON" for f in cpu_flags()]
+        flags.append(f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}")
         launcher = subprocess.run(["sh", "-c", "command -v ccache"], capture_output=True, text=True).stdout.strip()
         if launcher:
             flags += [f"-DCMAKE_C_COMPILER_LAUNCHER={launcher}", f"-DCMAKE_CXX_COMPILER_LAUNCHER={launcher}"]
         subprocess.run(
-            ["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", *flags],
+            [_tool("cmake"), "-S", str(src), "-B", str(build), "-G", "Ninja", *flags],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-    subprocess.run(["cmake", "--build", str(build), "-j2", "--target", *targets], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [_tool("cmake"), "--build", str(build), "-j2", "--target", *targets], check=True, stdout=subprocess.DEVNULL
+    )
     return build / "bin"
 
 
