@@ -16,19 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fetch_llama_cpp import read_pin  # this folder: the one reader of the pin
+
 ROOT = Path(__file__).resolve().parents[1]
 FETCH = ROOT / "third_party" / "fetch_llama_cpp.py"
 PATCHED_SRC = ROOT / "third_party" / "llama.cpp"
 PRISTINE_SRC = ROOT / "build" / "llama.cpp-pristine"
 STAMP = ".llama-steer-pristine"
-
-
-def _pin_commit() -> str:
-    for line in (ROOT / "third_party" / "llama.cpp.pin").read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "commit":
-            return value.strip()
-    raise RuntimeError("third_party/llama.cpp.pin has no commit line")
 
 
 def source_tree(pristine: bool) -> Path:
@@ -37,7 +31,7 @@ def source_tree(pristine: bool) -> Path:
         subprocess.run([sys.executable, str(FETCH)], check=True)
         return PATCHED_SRC
     stamp = PRISTINE_SRC / STAMP
-    commit = _pin_commit()
+    commit = read_pin()["commit"]
     if not (stamp.is_file() and stamp.read_text() == commit):
         subprocess.run([sys.executable, str(FETCH), "--pristine", str(PRISTINE_SRC)], check=True)
         stamp.write_text(commit)

@@ -145,8 +145,8 @@ def _recipe(steers: Sequence[Steer], arch: str, n_layer: int, n_embd: int) -> _R
         if st.scheduled:
             raise BakeError(f"{what} has a strength schedule: a baked model steers at one strength")
         if st.unit == "relative":
-            norms = st.control_vector.residual_norms
-            if not norms or any(k not in norms for k in st.control_vector.layers):
+            norms = st.recorded_norms
+            if norms is None:
                 raise BakeError(
                     f"{what} has a relative strength but its vector records no residual norms: "
                     f"use st.absolute(model.residual_norms()) with the model loaded"

@@ -118,11 +118,17 @@ def _unit(args: argparse.Namespace) -> Literal["absolute", "relative"]:
     return "relative" if getattr(args, "relative", False) else "absolute"
 
 
-def _steers(args: argparse.Namespace, model: Model) -> list[Steer]:
-    layers = args.layers
+def _layers(args: argparse.Namespace) -> range | None:
+    """--layers A-B, or llama.cpp's --control-vector-layer-range A B."""
     if getattr(args, "layer_range", None):
         a, b = args.layer_range
-        layers = range(a, b + 1)
+        return range(a, b + 1)
+    layers: range | None = args.layers
+    return layers
+
+
+def _steers(args: argparse.Namespace, model: Model) -> list[Steer]:
+    layers = _layers(args)
     steers = []
     for spec in args.vector or []:
         vec, strength = _load_vector(spec)
@@ -471,9 +477,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
     from .bake import bake
 
     path = Path(args.model) if args.model else default_model_path(args.bundled)
-    layers = args.layers
-    if args.layer_range:
-        layers = range(args.layer_range[0], args.layer_range[1] + 1)
+    layers = _layers(args)
     steers = []
     for spec in args.vector or []:
         vec, strength = _load_vector(spec)

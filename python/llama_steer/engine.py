@@ -154,12 +154,10 @@ class Engine:
         next begin."""
         self.end()
         norms: dict[int, float] | None = None
-        if any(s.unit == "relative" for steers in per_seq.values() for s in steers):
+        if any(s.unit == "relative" and s.recorded_norms is None for steers in per_seq.values() for s in steers):
             norms = self.residual_norms()  # before anything is bound: it decodes
         self._call_id += 1
-        self._steering = apply_steering(
-            self.ctx, self.n_layer, self.n_embd, per_seq, n_prompt, None if norms is None else lambda: norms
-        )
+        self._steering = apply_steering(self.ctx, self.n_layer, self.n_embd, per_seq, n_prompt, norms)
         return self._call_id, self._steering
 
     def residual_norms(self) -> dict[int, float]:
@@ -169,8 +167,7 @@ class Engine:
         left out). Measured once per model (one prompt decode), then cached."""
         with self.lock:
             if self._norms is None:
-                text = resources.files("llama_steer").joinpath("data/reference.txt").read_text(encoding="utf-8")
-                tokens = self.model.tokenize(text, True, False)[: min(_NORM_TOKENS, self.n_ctx - 1)]
+                tokens = self.model.tokenize(reference_text(), True, False)[: min(_NORM_TOKENS, self.n_ctx - 1)]
                 layers = list(range(1, self.n_layer))
                 with self.call():
                     cap = self.prefill([tokens], layers, all_rows={0})
@@ -272,6 +269,12 @@ class Engine:
             if capture_layers and not self.closed:
                 ctx.set_capture_layers([])
         return PrefillCapture(list(capture_layers), last, heads)
+
+
+def reference_text() -> str:
+    """The bundled neutral text: residual norms (relative strengths) and the
+    damage of a steering plan are measured on it."""
+    return resources.files("llama_steer").joinpath("data/reference.txt").read_text(encoding="utf-8")
 
 
 # Tokens of the reference text residual norms are measured on: enough for a

@@ -29,12 +29,12 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .engine import reference_text
 from .evaluation import ABItem, DatasetLike, _as_dataset, ab_prompt, answer_reply
 from .scoring import ScoreJob, score_jobs, split_at_seam
 from .steer import Steer
@@ -90,11 +90,15 @@ class SteeringPlan:
         """The chosen steering (``sign=-1`` steers the other way)."""
         return Steer(self.vector, sign * self.relative_strength, layers=self.layers, unit="relative")
 
-    def as_table(self) -> str:
-        """Every cell, effect and damage, the chosen one marked."""
+    def _grid(self) -> tuple[list[tuple[int, int]], list[float], dict[tuple[tuple[int, int], float], PlanCell]]:
+        """The table as bands, strengths and (band, strength) -> cell."""
         bands = sorted({c.layers for c in self.table})
         strengths = sorted({c.relative_strength for c in self.table})
-        cells = {(c.layers, c.relative_strength): c for c in self.table}
+        return bands, strengths, {(c.layers, c.relative_strength): c for c in self.table}
+
+    def as_table(self) -> str:
+        """Every cell, effect and damage, the chosen one marked."""
+        bands, strengths, cells = self._grid()
         head = "layers   " + "".join(f"{s:>16g}" for s in strengths)
         lines = [f"effect (log-odds) / damage (NLL +%), relative strengths; bound {100 * self.max_damage:.0f}%", head]
         chosen = (self.layers[0], self.layers[-1]), self.relative_strength
@@ -117,9 +121,7 @@ class SteeringPlan:
         import matplotlib.pyplot as plt
         from matplotlib.patches import Rectangle
 
-        bands = sorted({c.layers for c in self.table})
-        strengths = sorted({c.relative_strength for c in self.table})
-        cells = {(c.layers, c.relative_strength): c for c in self.table}
+        bands, strengths, cells = self._grid()
         eff = np.array([[cells[(b, s)].effect for s in strengths] for b in bands])
         fig, ax = plt.subplots(figsize=(1.4 * len(strengths) + 2.5, 0.45 * len(bands) + 1.8))
         im = ax.imshow(eff, cmap="viridis", aspect="auto")
@@ -162,11 +164,6 @@ def default_bands(n_layer: int) -> list[tuple[int, int]]:
     quarters = [(a, starts[i + 1] - 1 if i + 1 < len(starts) else last) for i, a in enumerate(starts)]
     halves = [(a, starts[i + 2] - 1 if i + 2 < len(starts) else last) for i, a in enumerate(starts[:-1])]
     return list(dict.fromkeys(quarters + halves))
-
-
-def reference_text() -> str:
-    """The bundled neutral text damage is measured on."""
-    return resources.files("llama_steer").joinpath("data/reference.txt").read_text(encoding="utf-8")
 
 
 def measure(

@@ -122,6 +122,15 @@ class Steer:
             raise TypeError("an ActAdd Steer has rows, not a control vector")
         return self._resolved
 
+    @property
+    def recorded_norms(self) -> dict[int, float] | None:
+        """The residual norms the vector recorded, if they cover its layers
+        (what a relative strength converts with, before measuring the model's)."""
+        norms = self.control_vector.residual_norms
+        if norms and all(k in norms for k in self.control_vector.layers):
+            return norms
+        return None
+
     def absolute(self, norms: Mapping[int, float]) -> Steer:
         """This Steer in absolute units, given the model's mean residual norm
         per layer (``norms``): each layer's direction rescaled to norm
@@ -261,13 +270,13 @@ def apply_steering(
     n_embd: int,
     per_seq: Mapping[int, Sequence[Steer]],
     n_prompt: Mapping[int, int],
-    norms: Callable[[], Mapping[int, float]] | None = None,
+    norms: Mapping[int, float] | None = None,
 ) -> SteeringSession:
     """Write each distinct vector into a slot and bind it to its sequences.
 
     Steers sharing one vector (and mode and unit) share one slot: a sweep
     over strengths costs one slot. A relative Steer is written in absolute
-    units: its vector's recorded residual norms, else ``norms()`` (the
+    units: its vector's recorded residual norms, else ``norms`` (the
     model's). On any error everything written is undone.
     """
     session = SteeringSession(ctx)
@@ -298,15 +307,15 @@ def apply_steering(
     return session
 
 
-def _absolute(s: Steer, norms: Callable[[], Mapping[int, float]] | None) -> Steer:
+def _absolute(s: Steer, norms: Mapping[int, float] | None) -> Steer:
     if s.unit == "absolute":
         return s
-    recorded = s.control_vector.residual_norms
-    if recorded and all(k in recorded for k in s.control_vector.layers):
+    recorded = s.recorded_norms
+    if recorded is not None:
         return s.absolute(recorded)
     if norms is None:
         raise SteeringError("a relative strength needs the model's residual norms")
-    return s.absolute(norms())
+    return s.absolute(norms)
 
 
 def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd: int, arch: str | None = None) -> None:
