@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,24 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import BakeError, ModelLoadError
+from .errors import BakeError
+from .gguf_file import (
+    GGML_F16,
+    GGML_F32,
+    Codec,
+    Entry,
+    FloatArray,
+    Source,
+    check_target,
+    converted_entry,
+    copy_entry,
+    f32_entry,
+    row_chunks,
+    tensor_rows,
+    write_gguf,
+)
 from .steer import Steer
 from .vectors import FIRST_LAYER, ControlVector
-
-FloatArray = npt.NDArray[np.float32]
 
 # Architectures whose graph adds an optional per-layer bias right before the
 # block's residual add, with no norm or scale in between, so that a bias
@@ -66,11 +78,6 @@ ALTERNATIVES = (
     "or train the direction into the weights with representation tuning"
 )
 
-GGML_F32 = 0
-GGML_F16 = 1
-
-# Rows dequantized at a time when editing a tensor: bounds the float32 copy.
-_CHUNK_VALUES = 1 << 22
 # Rounds of feeding the quantization error along an ablated direction back
 # into the input: on SmolLM2's Q4_1 down projections the part of the
 # direction a matrix can still write fell from 0.45 to 0.06 in 3 rounds and
@@ -221,91 +228,18 @@ def _single_direction(vec: ControlVector, what: str) -> FloatArray:
 # ------------------------------------------------------------------ reading
 
 
-class _Source:
-    """A GGUF opened read-only (memory-mapped; nothing is loaded up front)."""
-
-    def __init__(self, path: Path) -> None:
-        import gguf
-
-        if not path.is_file():
-            raise ModelLoadError(f"no such model file: {path}")
-        try:
-            self.reader = gguf.GGUFReader(path, "r")
-        except Exception as exc:  # ValueError, struct.error, ... on a corrupt file
-            raise ModelLoadError(f"{path}: not a readable GGUF model ({type(exc).__name__}: {exc})") from exc
-        self.path = path
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.arch = self.string("general.architecture")
-        if not self.arch:
-            raise ModelLoadError(f"{path}: no general.architecture")
-
-    def field(self, key: str) -> Any:
-        f = self.reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    def string(self, key: str) -> str:
-        v = self.field(key)
-        return v if isinstance(v, str) else ""
-
-    def int(self, key: str) -> int:
-        v = self.field(f"{self.arch}.{key}")
-        if not isinstance(v, int):
-            raise ModelLoadError(f"{self.path}: no {self.arch}.{key}")
-        return v
-
-    @staticmethod
-    def raw(t: Any) -> npt.NDArray[np.uint8]:
-        """A tensor's bytes (a view of the map, read lazily)."""
-        data: npt.NDArray[np.uint8] = t.data.view(np.uint8).reshape(-1)
-        return data
-
-
-def _rows(t: Any) -> tuple[int, int]:
-    n_per_row = int(t.shape[0])
-    return int(t.n_elements) // n_per_row, n_per_row
-
-
 # ------------------------------------------------------------------ editing
 
 
-def _row_chunks(nrows: int, n_per_row: int) -> Iterator[slice]:
-    step = max(1, _CHUNK_VALUES // n_per_row)
-    for r0 in range(0, nrows, step):
-        yield slice(r0, min(nrows, r0 + step))
-
-
-class _Editor:
-    """Rewrites tensors through float32, one chunk of rows at a time."""
-
-    def __init__(self, n_threads: int) -> None:
-        from . import _core
-
-        self.core = _core
-        self.n_threads = n_threads
-
-    def type_name(self, t: Any) -> str:
-        return str(self.core.quant_type_name(int(t.tensor_type)))
+class _Editor(Codec):
+    """A codec that also edits: ablation with requantization feedback."""
 
     def check_roundtrip(self, t: Any) -> None:
-        if not self.core.quant_can_roundtrip(int(t.tensor_type)):
+        if not self.can_roundtrip(int(t.tensor_type)):
             raise BakeError(
                 f"{t.name} is stored as {self.type_name(t)}, which ggml cannot requantize without an "
                 f"importance matrix; ablation cannot be baked into this file"
             )
-
-    def read(self, t: Any, rows: slice) -> FloatArray:
-        """Rows ``rows`` of a tensor as float32 [n, n_per_row]."""
-        _, n_per_row = _rows(t)
-        row_bytes = int(self.core.quant_row_size(int(t.tensor_type), n_per_row))
-        raw = _Source.raw(t)[rows.start * row_bytes : rows.stop * row_bytes]
-        out: FloatArray = self.core.dequantize(int(t.tensor_type), raw, rows.stop - rows.start, n_per_row)
-        return out
-
-    def write(self, type_: int, x: FloatArray) -> npt.NDArray[np.uint8]:
-        out: npt.NDArray[np.uint8] = self.core.quantize(
-            type_, np.ascontiguousarray(x, dtype=np.float32), self.n_threads
-        )
-        return out
 
     def requantize_orthogonal(
         self,
@@ -323,7 +257,7 @@ class _Editor:
         target = x
         for _ in range(_FEEDBACK_ROUNDS + 1):
             q = self.write(type_, target)
-            back: FloatArray = self.core.dequantize(type_, q, x.shape[0], x.shape[1])
+            back = self.decode(type_, q, x.shape[0], x.shape[1])
             d = leak(back)
             size = float(np.linalg.norm(d))
             if best is None or size < best[0]:
@@ -337,12 +271,12 @@ class _Editor:
     def ablate_rows(self, t: Any, r: FloatArray) -> tuple[npt.NDArray[np.uint8], TensorEdit]:
         """Rows are residual vectors (the embedding): e <- e - r (r . e)."""
         self.check_roundtrip(t)
-        nrows, n_per_row = _rows(t)
+        nrows, n_per_row = tensor_rows(t)
         type_ = int(t.tensor_type)
         out = np.empty(int(t.n_bytes), dtype=np.uint8)
         stats = _Stats()
         pos = 0
-        for rows in _row_chunks(nrows, n_per_row):
+        for rows in row_chunks(nrows, n_per_row):
             x = self.read(t, rows)
             before = x @ r
             x -= np.outer(before, r)
@@ -355,11 +289,11 @@ class _Editor:
     def ablate_columns(self, t: Any, r: FloatArray) -> tuple[npt.NDArray[np.uint8], TensorEdit]:
         """Rows index the residual's dimensions (a writer W [n_embd, k]): W <- W - r (r^T W)."""
         self.check_roundtrip(t)
-        nrows, n_per_row = _rows(t)
+        nrows, n_per_row = tensor_rows(t)
         if nrows != r.shape[0]:
             raise BakeError(f"{t.name} has {nrows} output rows, the residual stream {r.shape[0]}")
         type_ = int(t.tensor_type)
-        chunks = list(_row_chunks(nrows, n_per_row))
+        chunks = list(row_chunks(nrows, n_per_row))
         rw = np.zeros(n_per_row, dtype=np.float64)  # r^T W, summed over row chunks
         for rows in chunks:
             rw += r[rows].astype(np.float64) @ self.read(t, rows)
@@ -419,118 +353,6 @@ def _ratio(a: float, b: float) -> float:
 # ------------------------------------------------------------------ writing
 
 
-@dataclass
-class _Entry:
-    """One tensor of the output: its header, and how to produce its bytes."""
-
-    name: str
-    ne: tuple[int, ...]  # ggml order
-    type: int
-    nbytes: int
-    produce: Callable[[], npt.NDArray[np.uint8]]
-
-
-def _copy(t: Any, name: str | None = None) -> _Entry:
-    """``t``'s bytes unchanged (under ``name``, default its own)."""
-    ne = tuple(int(n) for n in t.shape)
-    return _Entry(name or t.name, ne, int(t.tensor_type), int(t.n_bytes), lambda: _Source.raw(t))
-
-
-def _f32(name: str, values: FloatArray) -> _Entry:
-    data = np.ascontiguousarray(values, dtype=np.float32)
-    return _Entry(name, (data.shape[0],), GGML_F32, data.nbytes, lambda: data.view(np.uint8))
-
-
-def _check_target(src: Path, out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    if out.exists() and out.resolve() == src.resolve():
-        raise BakeError(f"{out} is the model being read; write the baked model to another path")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"no such directory: {out.parent}")
-
-
-def _write(
-    src: _Source,
-    out: Path,
-    entries: list[_Entry],
-    set_kv: dict[str, tuple[Any, Any, Any]],
-    progress: bool | None,
-) -> int:
-    """Write ``src``'s metadata (with ``set_kv`` replacing or adding keys:
-    key -> (value, GGUFValueType, array subtype)) and ``entries`` to ``out``,
-    through a temporary file renamed at the end. Returns the bytes written."""
-    import gguf
-    from tqdm.auto import tqdm  # type: ignore[import-untyped]
-
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write into {out.parent}: {exc.strerror}") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    writer = gguf.GGUFWriter(None, src.arch)
-    try:
-        for key, f in src.reader.fields.items():
-            if key.startswith("GGUF.") or key == "general.architecture" or key in set_kv:
-                continue
-            vtype = f.types[0]
-            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, f.contents(), vtype, sub)
-            if key == "general.alignment":
-                writer.data_alignment = int(f.contents())
-        for key, (value, vtype, sub) in set_kv.items():
-            writer.add_key_value(key, value, vtype, sub)
-        for e in entries:
-            # gguf wants numpy order; a non-uint8 dtype means "shape in elements"
-            writer.add_tensor_info(
-                e.name,
-                tuple(reversed(e.ne)),
-                np.dtype(np.float32),
-                e.nbytes,
-                raw_dtype=gguf.GGMLQuantizationType(e.type),
-            )
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total = sum(e.nbytes for e in entries)
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            desc=f"llama-steer: writing {out.name}",
-            disable=None if progress is None else not progress,
-            leave=False,
-        ) as bar:
-            for e in entries:
-                data = e.produce()
-                if data.nbytes != e.nbytes:
-                    raise BakeError(f"{e.name}: produced {data.nbytes} bytes, expected {e.nbytes}")
-                writer.write_tensor_data(data)
-                bar.update(e.nbytes)
-        writer.close()
-        os.chmod(tmp, src.path.stat().st_mode & 0o777)  # mkstemp made it 0600
-        os.replace(tmp, out)  # atomic: the target is complete or absent
-    except BaseException as exc:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, ModelLoadError)):
-            if exc.errno is None:  # numpy's short write: no errno, only the byte counts
-                raise OSError(
-                    f"writing {out} failed ({exc}: is the disk full?); nothing was left under that name"
-                ) from exc
-            raise OSError(
-                exc.errno, f"writing {out} failed ({exc.strerror}); nothing was left under that name"
-            ) from exc
-        raise
-    return out.stat().st_size
-
-
-def _edited_name(src: _Source, what: str) -> str:
-    base = src.string("general.name") or src.path.stem
-    return f"{base} ({what})"
-
-
 def _describe(recipe: _Recipe) -> str:
     parts = []
     for s in recipe.steers:
@@ -569,8 +391,8 @@ def bake(
     steer_list = [steers] if isinstance(steers, Steer) else list(steers)
     if not steer_list:
         raise ValueError("bake needs at least one Steer")
-    _check_target(src_path, out, overwrite)
-    src = _Source(src_path)
+    check_target(src_path, out, overwrite, BakeError)
+    src = Source(src_path)
     n_layer, n_embd = src.int("block_count"), src.int("embedding_length")
     if (src.field(f"{src.arch}.expert_count") or 0) > 0:
         raise BakeError(
@@ -580,23 +402,23 @@ def bake(
     recipe = _recipe(steer_list, src.arch, n_layer, n_embd)
     editor = _Editor(n_threads or os.cpu_count() or 1)
     report = BakeReport(out, src_path, src.arch, bytes_in=src_path.stat().st_size)
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     r = recipe.ablate
     writers = {w.format(i) + ".weight" for w in RESIDUAL_WRITERS.get(src.arch, ()) for i in range(n_layer)}
     writer_biases = {name[: -len(".weight")] + ".bias" for name in writers}
     bias_names = {BIAS_SLOTS[src.arch].format(layer): layer for layer in recipe.bias} if recipe.bias else {}
     placed: set[str] = set()
 
-    def bias_entry(name: str, t: Any | None) -> _Entry:
+    def bias_entry(name: str, t: Any | None) -> Entry:
         b = np.zeros(n_embd, dtype=np.float32) if t is None else editor.read(t, slice(0, 1)).reshape(-1)
         if r is not None:
             b = b - r * np.float32(r @ b)
         if name in bias_names:
             b = b + recipe.bias[bias_names[name]]
         report.edits.append(TensorEdit(name, "f32", "bias" if name in bias_names else "ablate"))
-        return _f32(name, b)
+        return f32_entry(name, b)
 
-    def edit_entry(t: Any, fn: Callable[[Any, FloatArray], tuple[npt.NDArray[np.uint8], TensorEdit]]) -> _Entry:
+    def edit_entry(t: Any, fn: Callable[[Any, FloatArray], tuple[npt.NDArray[np.uint8], TensorEdit]]) -> Entry:
         assert r is not None
         direction = r
 
@@ -605,7 +427,7 @@ def bake(
             report.edits.append(edit)
             return data
 
-        return _Entry(t.name, tuple(int(n) for n in t.shape), int(t.tensor_type), int(t.n_bytes), produce)
+        return Entry(t.name, tuple(int(n) for n in t.shape), int(t.tensor_type), int(t.n_bytes), produce)
 
     for t in src.reader.tensors:
         name = t.name
@@ -616,13 +438,13 @@ def bake(
             if OUTPUT not in src.tensors:
                 # The head reads the embedding: keep the original as an untied
                 # output.weight, so only the residual stream loses the direction.
-                entries.append(_copy(t, OUTPUT))
+                entries.append(copy_entry(t, OUTPUT))
                 report.edits.append(TensorEdit(OUTPUT, editor.type_name(t), "copy-untied-head"))
             entries.append(edit_entry(t, editor.ablate_rows))
         elif r is not None and name in writers:
             entries.append(edit_entry(t, editor.ablate_columns))
         else:
-            entries.append(_copy(t))
+            entries.append(copy_entry(t))
         # a new bias goes right after its block's down projection
         slot = name[: -len(".weight")] + ".bias" if name.endswith(".weight") else ""
         if slot in bias_names and slot not in src.tensors:
@@ -637,7 +459,7 @@ def bake(
     from . import __version__
 
     kv = {
-        "general.name": (_edited_name(src, _describe(recipe)), gguf.GGUFValueType.STRING, None),
+        "general.name": (src.edited_name(_describe(recipe)), gguf.GGUFValueType.STRING, None),
         "llama_steer.version": (__version__, gguf.GGUFValueType.STRING, None),
         "llama_steer.source": (src_path.name, gguf.GGUFValueType.STRING, None),
         "llama_steer.steers": (
@@ -646,7 +468,7 @@ def bake(
             gguf.GGUFValueType.STRING,
         ),
     }
-    report.bytes_out = _write(src, out, entries, kv, progress)
+    report.bytes_out = write_gguf(src, out, entries, kv, progress, BakeError)
     return report
 
 
@@ -668,31 +490,22 @@ def dequantize_model(
         raise ValueError(f"dtype must be 'f32' or 'f16', got {dtype!r}")
     ggml_type, ftype = types[dtype]
     src_path, out = Path(model_path), Path(out_path)
-    _check_target(src_path, out, overwrite)
-    src = _Source(src_path)
+    check_target(src_path, out, overwrite, BakeError)
+    src = Source(src_path)
     editor = _Editor(n_threads or os.cpu_count() or 1)
     report = BakeReport(out, src_path, src.arch, bytes_in=src_path.stat().st_size)
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     for t in src.reader.tensors:
         if int(t.tensor_type) in (GGML_F32, ggml_type) or len(t.shape) < 2:
-            entries.append(_copy(t))
+            entries.append(copy_entry(t))
             continue
-        nrows, n_per_row = _rows(t)
-        nbytes = int(editor.core.quant_row_size(ggml_type, n_per_row)) * nrows
-
-        def produce(t: Any = t, nrows: int = nrows, n_per_row: int = n_per_row) -> npt.NDArray[np.uint8]:
-            parts = [
-                editor.write(ggml_type, editor.read(t, rows)).reshape(-1) for rows in _row_chunks(nrows, n_per_row)
-            ]
-            return np.concatenate(parts)
-
-        entries.append(_Entry(t.name, tuple(int(n) for n in t.shape), ggml_type, nbytes, produce))
+        entries.append(converted_entry(editor, t, ggml_type))
         report.edits.append(TensorEdit(t.name, dtype, "dequantize"))
     import gguf
 
     kv = {
         "general.file_type": (ftype, gguf.GGUFValueType.UINT32, None),
-        "general.name": (_edited_name(src, dtype), gguf.GGUFValueType.STRING, None),
+        "general.name": (src.edited_name(dtype), gguf.GGUFValueType.STRING, None),
     }
-    report.bytes_out = _write(src, out, entries, kv, progress)
+    report.bytes_out = write_gguf(src, out, entries, kv, progress, BakeError)
     return report
