@@ -10,7 +10,8 @@ namespace llama_steer {
 void register_model(py::module_& m) {
     py::class_<Model, std::shared_ptr<Model>>(m, "Model")
         // Loading reads hundreds of MB; no Python object is touched.
-        .def(py::init<const std::string&, int32_t>(), py::arg("path"), py::arg("n_gpu_layers") = 0,
+        .def(py::init<const std::string&, int32_t, bool>(), py::arg("path"), py::arg("n_gpu_layers") = 0,
+             py::arg("writable") = false,
              py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("n_layer", &Model::n_layer)
         .def_property_readonly("n_embd", &Model::n_embd)

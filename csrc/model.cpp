@@ -8,7 +8,7 @@
 
 namespace llama_steer {
 
-Model::Model(const std::string& path, int32_t n_gpu_layers) {
+Model::Model(const std::string& path, int32_t n_gpu_layers, bool writable) {
     runtime_init();
     {
         // llama.cpp reports a bad file only through its log; check the magic
@@ -23,6 +23,7 @@ Model::Model(const std::string& path, int32_t n_gpu_layers) {
     }
     llama_model_params params = llama_model_default_params();
     params.n_gpu_layers = n_gpu_layers;
+    if (writable) params.load_mode = LLAMA_LOAD_MODE_NONE;  // read into our own buffers
     model_.reset(llama_model_load_from_file(path.c_str(), params));
     if (!model_) {
         throw ModelLoadError("llama.cpp could not load the model (truncated, corrupt or unsupported): " + path);

@@ -14,7 +14,9 @@ namespace llama_steer {
 
 class Model {
 public:
-    Model(const std::string& path, int32_t n_gpu_layers);
+    // writable: weights read into memory of our own (no mmap), which a
+    // trainer may change; otherwise they stay a read-only map of the file.
+    Model(const std::string& path, int32_t n_gpu_layers, bool writable = false);
 
     const llama_model* get() const { return model_.get(); }
     llama_model* get() { return model_.get(); }

@@ -6,9 +6,9 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BatchTokens', 'Context', 'ContextParams', 'Model', 'Sampler', 'SamplerParams', 'SteerStats', 'dequantize', 'log_level', 'quant_can_roundtrip', 'quant_row_size', 'quant_type_name', 'quantize', 'set_log_level', 'supports_gpu_offload']
+__all__: list[str] = ['BatchTokens', 'Context', 'ContextParams', 'Model', 'Sampler', 'SamplerParams', 'SteerStats', 'Trainer', 'TrainerParams', 'dequantize', 'log_level', 'quant_can_roundtrip', 'quant_row_size', 'quant_type_name', 'quantize', 'set_log_level', 'supports_gpu_offload']
 class Model:
-    def __init__(self, path: str, n_gpu_layers: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    def __init__(self, path: str, n_gpu_layers: typing.SupportsInt | typing.SupportsIndex = 0, writable: bool = False) -> None:
         ...
     def apply_chat_template(self, messages: collections.abc.Sequence[tuple[str, str]], add_generation_prompt: bool) -> str:
         ...
@@ -223,6 +223,72 @@ class SteerStats:
         ...
     @property
     def topology_version(self) -> int:
+        ...
+class TrainerParams:
+    adamw: bool
+    def __init__(self) -> None:
+        ...
+    @property
+    def batch_size(self) -> int:
+        ...
+    @batch_size.setter
+    def batch_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def lr(self) -> float:
+        ...
+    @lr.setter
+    def lr(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def n_ctx(self) -> int:
+        ...
+    @n_ctx.setter
+    def n_ctx(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def n_threads(self) -> int:
+        ...
+    @n_threads.setter
+    def n_threads(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def trainable(self) -> list[str]:
+        ...
+    @trainable.setter
+    def trainable(self, arg0: collections.abc.Sequence[str]) -> None:
+        ...
+    @property
+    def weight_decay(self) -> float:
+        ...
+    @weight_decay.setter
+    def weight_decay(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+class Trainer:
+    def __init__(self, model: Model, params: TrainerParams) -> None:
+        ...
+    def clear_objective(self) -> None:
+        ...
+    def read_tensor(self, name: str) -> numpy.typing.NDArray[numpy.float32]:
+        """
+        a model tensor's current values, float32 in numpy order
+        """
+    def run(self, tokens: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], labels: typing.Annotated[numpy.typing.ArrayLike, numpy.int32], pos_weight: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], train: bool = True) -> tuple[float, numpy.typing.NDArray[numpy.float32]]:
+        """
+        one sequence of n_ctx tokens -> (loss, per-layer objective values float32 [n_layer], NaN where none)
+        """
+    def set_objective(self, layers: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], dirs: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], mode: typing.SupportsInt | typing.SupportsIndex, weight: typing.SupportsFloat | typing.SupportsIndex, token_weight: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        """
+        dirs: float32 [len(layers), n_embd]; mode 0 = in, 1 = out
+        """
+    @property
+    def lr(self) -> float:
+        ...
+    @lr.setter
+    def lr(self, arg1: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def n_ctx(self) -> int:
         ...
 def dequantize(type: typing.SupportsInt | typing.SupportsIndex, data: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], nrows: typing.SupportsInt | typing.SupportsIndex, n_per_row: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
     """
