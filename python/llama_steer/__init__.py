@@ -22,6 +22,7 @@ from .errors import (
     ModelLoadError,
     SteeringError,
     SupersededError,
+    TuneError,
     VectorFileError,
 )
 from .evaluation import ABDataset, EvalResult, evaluate, load_ab_dataset, plot_curve, word_odds_curve
@@ -30,6 +31,7 @@ from .model import ConditionResult, Model, Token
 from .plan import PlanCell, SteeringPlan, find_steering
 from .sampling import SamplingParams
 from .steer import Steer
+from .tune import TuneReport, tune
 from .vectors import ControlVector
 from .weights import MODELS, default_model_path
 
@@ -41,6 +43,9 @@ __all__ = [
     "BakeReport",
     "bake",
     "dequantize_model",
+    "tune",
+    "TuneError",
+    "TuneReport",
     "Condition",
     "ConditionResult",
     "ConditionSearch",

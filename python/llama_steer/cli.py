@@ -496,6 +496,36 @@ def cmd_bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import tune
+
+    path = Path(args.model) if args.model else default_model_path(args.bundled)
+    layers = _layers(args)
+    if layers is None:
+        raise UsageError("give the layers to tune with --layers A-B")
+    vec, _ = _load_vector(args.vector)
+    report = tune(
+        path,
+        vec,
+        args.output,
+        layers=list(layers),
+        data=args.pairs,
+        direction=args.direction,
+        cos_weight=args.cos_weight,
+        token_weight=args.token_weight,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        out_type=args.out_type,
+        n_threads=args.threads,
+        overwrite=args.overwrite,
+    )
+    print(report)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import gguf
 
@@ -543,6 +573,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  baked steering (llama-steer {field('llama_steer.version')}, from {field('llama_steer.source')}):")
         for entry in baked.contents():
             print(f"    {entry}")
+    tuned = field("llama_steer.tuned")
+    if tuned is not None:  # written by llama-steer tune
+        print(f"  representation-tuned (llama-steer tune): {tuned}")
     return 0
 
 
@@ -699,6 +732,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bundled", default="smollm2-135m", choices=sorted(MODELS), help="embedded model to use")
     g.add_argument("-t", "--threads", type=int, default=None, help="threads for requantizing (default: all cores)")
     p.set_defaults(func=cmd_bake)
+
+    from .tune import OUT_TYPES
+
+    p = sub.add_parser("tune", help="train a vector's direction into the weights (representation tuning)")
+    p.add_argument("-o", "--output", required=True, help="GGUF model to write")
+    p.add_argument("--vector", required=True, metavar="FILE", help="control vector whose direction is trained in")
+    p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B", help="layers of the cosine term")
+    p.add_argument("--control-vector-layer-range", dest="layer_range", nargs=2, type=int, metavar=("A", "B"))
+    p.add_argument("--pairs", default="happy", help="contrastive pairs: a bundled behaviour or a JSONL/CSV file")
+    p.add_argument("--direction", choices=("in", "out"), default="in", help="toward the direction, or away")
+    p.add_argument("--cos-weight", type=float, default=1.0, help="weight of the cosine term (default 1)")
+    p.add_argument("--token-weight", type=float, default=1.0, help="weight of the token loss (default 1)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per optimizer step (default 4)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--seed", type=int, default=0, help="shuffling seed (results are deterministic per seed)")
+    p.add_argument("--out-type", choices=OUT_TYPES, default="auto", help="storage of the tuned tensors")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", help="GGUF model file (default: the embedded SmolLM2-135M)")
+    g.add_argument("--bundled", default="smollm2-135m", choices=sorted(MODELS), help="embedded model to use")
+    g.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("inspect", help="describe a control-vector or model GGUF")
     p.add_argument("file")

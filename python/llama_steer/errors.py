@@ -53,6 +53,11 @@ class BakeError(LlamaSteerError):
     condition, a vector for another model, an architecture without a slot."""
 
 
+class TuneError(LlamaSteerError):
+    """Representation tuning was refused (a vector for another model, layers
+    the vector lacks, no data) or failed (the loss stopped being finite)."""
+
+
 class DatasetError(LlamaSteerError, ValueError):
     """A pairs or evaluation dataset is malformed."""
 
