@@ -650,6 +650,15 @@ def side_by_side(headers: Sequence[str], texts: Sequence[str]) -> str:
 
 
 # -- parser -------------------------------------------------------------------------
+def _model_file_args(p: argparse.ArgumentParser, threads: str) -> None:
+    """Options of the commands that write a new model file (bake, tune)."""
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", help="GGUF model file (default: the embedded SmolLM2-135M)")
+    g.add_argument("--bundled", default="smollm2-135m", choices=sorted(MODELS), help="embedded model to use")
+    g.add_argument("-t", "--threads", type=int, default=None, help=f"{threads} (default: all cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-steer",
@@ -726,11 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-vector-layer-range", dest="layer_range", nargs=2, type=int, metavar=("A", "B"))
     p.add_argument("--ablate", action="append", metavar="FILE", help="remove this direction from every layer")
     p.add_argument("--ablate-layer", type=int, default=None, metavar="N", help="the --ablate file's layer to use")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", help="GGUF model file (default: the embedded SmolLM2-135M)")
-    g.add_argument("--bundled", default="smollm2-135m", choices=sorted(MODELS), help="embedded model to use")
-    g.add_argument("-t", "--threads", type=int, default=None, help="threads for requantizing (default: all cores)")
+    _model_file_args(p, "threads for requantizing")
     p.set_defaults(func=cmd_bake)
 
     from .tune import OUT_TYPES
@@ -750,11 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=0, help="shuffling seed (results are deterministic per seed)")
     p.add_argument("--out-type", choices=OUT_TYPES, default="auto", help="storage of the tuned tensors")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", help="GGUF model file (default: the embedded SmolLM2-135M)")
-    g.add_argument("--bundled", default="smollm2-135m", choices=sorted(MODELS), help="embedded model to use")
-    g.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    _model_file_args(p, "threads")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("inspect", help="describe a control-vector or model GGUF")
