@@ -203,12 +203,21 @@ def _resolve_pairs(data: PairsLike | str, source: Path) -> tuple[list[Pair], Cal
     return pairs, tokens.__getitem__, 0
 
 
-def _update_error(codec: Codec, type_: int, new: npt.NDArray[np.float32], old: npt.NDArray[np.float32]) -> float:
-    """Relative error of the update ``new - old`` once ``new`` is stored as ``type_``."""
+def _encode(codec: Codec, type_: int, x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """The bytes of ``x`` stored as ``type_``."""
+    if type_ == GGML_F32:
+        return np.ascontiguousarray(x, dtype=np.float32).view(np.uint8).reshape(-1)
+    return codec.write(type_, x).reshape(-1)
+
+
+def _update_error(
+    codec: Codec, type_: int, data: npt.NDArray[np.uint8], new: npt.NDArray[np.float32], old: npt.NDArray[np.float32]
+) -> float:
+    """Relative error of the update ``new - old`` once ``new`` is stored as ``data`` of ``type_``."""
     nrows, n_per_row = new.shape
     if type_ == GGML_F32:
         return 0.0
-    stored = codec.decode(type_, codec.write(type_, new), nrows, n_per_row)
+    stored = codec.decode(type_, data, nrows, n_per_row)
     if type_ == GGML_F16:
         base = old.astype(np.float16).astype(np.float32)
     else:
@@ -416,12 +425,9 @@ def tune(
         for name in names:
             new = np.ascontiguousarray(trainer.read_tensor(name), dtype=np.float32)
             t = src.tensors[name]
-            type_, choice = _store(codec, int(t.tensor_type), new, originals[name], out_type, keep, name)
+            type_, data_, choice = _store(codec, int(t.tensor_type), new, originals[name], out_type, keep, name)
             report.tensors.append(choice)
-            tuned[name] = (
-                type_,
-                codec.write(type_, new).reshape(-1) if type_ != GGML_F32 else new.view(np.uint8).reshape(-1),
-            )
+            tuned[name] = (type_, data_)
         entries = []
         for t in src.reader.tensors:
             if t.name in tuned:
@@ -468,21 +474,24 @@ def _store(
     out_type: str,
     keep: float,
     name: str,
-) -> tuple[int, TensorChoice]:
-    """The type a tuned tensor is stored in, and the update errors measured."""
+) -> tuple[int, npt.NDArray[np.uint8], TensorChoice]:
+    """The type a tuned tensor is stored in, its bytes, and the update errors measured."""
     fixed = {"q8_0": GGML_Q8_0, "f16": GGML_F16, "f32": GGML_F32, "same": orig}
     candidates = [fixed[out_type]] if out_type != "auto" else [orig, GGML_Q8_0, GGML_F16, GGML_F32]
     errors: dict[str, float] = {}
-    chosen = candidates[-1]
+    chosen, data = candidates[-1], None
     for type_ in dict.fromkeys(candidates):  # unique, in order
         if type_ not in (GGML_F32, GGML_F16) and not codec.can_roundtrip(type_):
             continue
-        err = _update_error(codec, type_, new, old)
+        encoded = _encode(codec, type_, new)  # measured and written: quantized once
+        err = _update_error(codec, type_, encoded, new, old)
         errors[str(codec.core.quant_type_name(type_))] = err
         if out_type != "auto" or err <= keep:
-            chosen = type_
+            chosen, data = type_, encoded
             break
-    return chosen, TensorChoice(name, str(codec.core.quant_type_name(chosen)), errors)
+    if data is None:
+        data = _encode(codec, chosen, new)
+    return chosen, data, TensorChoice(name, str(codec.core.quant_type_name(chosen)), errors)
 
 
 def tuned_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
