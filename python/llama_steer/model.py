@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -16,7 +15,7 @@ import numpy.typing as npt
 from . import _core
 from .engine import Engine, Prompt
 from .extraction import Read, capture
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TextStream
 from .scoring import ScoreJob, score_jobs, split_at_seam
 from .steer import Steer, SteeringSession, as_steers, prepare_prompt
 
@@ -457,7 +456,7 @@ class Model:
             with eng.lock:
                 call_id, session = self._start(token_lists, steers)
             seqs = [
-                _Sequence(i, len(t), params.with_seed_offset(i).make_sampler(n_vocab), _TextStream(params.stop))
+                _Sequence(i, len(t), params.with_seed_offset(i).make_sampler(n_vocab), TextStream(params.stop))
                 for i, t in enumerate(token_lists)
             ]
             rows = list(range(len(token_lists)))
@@ -513,7 +512,7 @@ class _Sequence:
 
     __slots__ = ("index", "n_prompt", "sampler", "stream", "held", "n_generated")
 
-    def __init__(self, index: int, n_prompt: int, sampler: _core.Sampler, stream: _TextStream) -> None:
+    def __init__(self, index: int, n_prompt: int, sampler: _core.Sampler, stream: TextStream) -> None:
         self.index = index
         self.n_prompt = n_prompt
         self.sampler = sampler
@@ -526,39 +525,3 @@ class _Sequence:
             token_id, text, logprob = self.held
             self.held = None
             yield self.index, Token(token_id, text + self.stream.flush(), logprob)
-
-
-class _TextStream:
-    """Turns token bytes into text: whole UTF-8 characters only, and text
-    held back while it could still be the start of a stop string."""
-
-    def __init__(self, stop: Sequence[str]) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stop = list(stop)
-        self._pending = ""
-
-    def push(self, piece: bytes) -> tuple[str, bool]:
-        self._pending += self._decoder.decode(piece)
-        if not self._stop:
-            out, self._pending = self._pending, ""
-            return out, False
-        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            out = self._pending[: min(hits)]
-            self._pending = ""
-            self._decoder.reset()  # flush() adds nothing after a stop
-            return out, True
-        hold = 0
-        for s in self._stop:
-            for k in range(min(len(s) - 1, len(self._pending)), hold, -1):
-                if self._pending.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(self._pending) - hold
-        out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out = self._pending + self._decoder.decode(b"", final=True)
-        self._pending = ""
-        return out

@@ -3,7 +3,9 @@ sampler chain in the core."""
 
 from __future__ import annotations
 
+import codecs
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -92,3 +94,39 @@ def _check_float(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+
+
+class TextStream:
+    """Turns token bytes into text: whole UTF-8 characters only, and text
+    held back while it could still be the start of a stop string."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = list(stop)
+        self._pending = ""
+
+    def push(self, piece: bytes) -> tuple[str, bool]:
+        self._pending += self._decoder.decode(piece)
+        if not self._stop:
+            out, self._pending = self._pending, ""
+            return out, False
+        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            out = self._pending[: min(hits)]
+            self._pending = ""
+            self._decoder.reset()  # flush() adds nothing after a stop
+            return out, True
+        hold = 0
+        for s in self._stop:
+            for k in range(min(len(s) - 1, len(self._pending)), hold, -1):
+                if self._pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self._pending) - hold
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return out
