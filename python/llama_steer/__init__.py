@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from .actadd import ActAdd
 from .bake import BakeReport, bake, dequantize_model
+from .batching import Batcher, Request
 from .conditions import Condition, ConditionSearch, find_condition, topic_prompts
 from .errors import (
     BakeError,
+    BusyError,
     ClosedError,
     ConcurrentUseError,
     ContextOverflowError,
@@ -40,6 +42,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ActAdd",
     "BakeError",
+    "Batcher",
+    "BusyError",
+    "Request",
     "BakeReport",
     "bake",
     "dequantize_model",

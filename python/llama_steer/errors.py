@@ -62,6 +62,11 @@ class DatasetError(LlamaSteerError, ValueError):
     """A pairs or evaluation dataset is malformed."""
 
 
+class BusyError(LlamaSteerError):
+    """A request was refused because the queue in front of the model is full
+    (try again later; the server answers HTTP 429)."""
+
+
 class DownloadError(LlamaSteerError):
     """A bundled model could not be fetched or failed its hash check."""
 
@@ -78,5 +83,6 @@ __all__ = [
     "VectorFileError",
     "BakeError",
     "DatasetError",
+    "BusyError",
     "DownloadError",
 ]

@@ -361,3 +361,118 @@ def _write_slot(ctx: _core.Context, slot: int, s: Steer, n_layer: int, n_embd: i
                 continue  # a zero direction removes nothing
             ctx.steer_set_ablate(slot, layer, direction.reshape(1, -1), 1.0)
     return slot
+
+
+_SlotKey = tuple[int, tuple[int, ...] | None, str]
+
+
+class SlotPool:
+    """The steering slots of a context shared by sequences that come and go
+    (continuous batching), where :func:`apply_steering` serves one call.
+
+    A slot holds one vector (written once, keyed as in
+    :func:`apply_steering`); each sequence binds to it with its own strength
+    and window. A slot no sequence uses keeps its vector until another needs
+    the room, so a vector used request after request is written once.
+    """
+
+    def __init__(self, ctx: _core.Context, n_layer: int, n_embd: int, norms: Mapping[int, float] | None = None) -> None:
+        self._ctx = ctx
+        self._n_layer, self._n_embd = n_layer, n_embd
+        self._norms = norms
+        n = ctx.steer_n_slots
+        self._keys: list[_SlotKey | None] = [None] * n
+        self._vectors: list[object] = [None] * n  # holds the keyed object, so its id() stays unique
+        self._users: list[set[int]] = [set() for _ in range(n)]
+        self._last_use = [0] * n
+        self._clock = 0
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._keys)
+
+    @property
+    def in_use(self) -> int:
+        """Slots bound to at least one sequence."""
+        return sum(1 for u in self._users if u)
+
+    @staticmethod
+    def _key(s: Steer) -> _SlotKey:
+        return (id(s.vector), None if s.layers is None else tuple(s.layers), s.mode + s.unit)
+
+    def _plan(self, seq: int, steers: Sequence[Steer]) -> list[tuple[Steer, int, bool]] | None:
+        """(steer, slot, needs writing) for each steer, or None when the free
+        slots do not suffice. Changes nothing."""
+        taken: set[int] = set()
+        plan = []
+        for s in steers:
+            key = self._key(s)
+            slot = next(
+                (i for i, k in enumerate(self._keys) if k == key and i not in taken and seq not in self._users[i]),
+                None,
+            )
+            write = slot is None
+            if slot is None:
+                idle = [i for i in range(self.n_slots) if not self._users[i] and i not in taken]
+                if not idle:
+                    return None
+                # an empty slot first, else the one unused the longest
+                slot = min(idle, key=lambda i: (self._keys[i] is not None, self._last_use[i]))
+            taken.add(slot)
+            plan.append((s, slot, write))
+        return plan
+
+    def fits(self, steers: Sequence[Steer]) -> bool:
+        """Whether a new sequence with ``steers`` can be bound now."""
+        return self._plan(-1, steers) is not None
+
+    def bind(self, seq: int, steers: Sequence[Steer], n_prompt: int) -> list[_Binding]:
+        """Bind ``steers`` to ``seq`` (a prompt of ``n_prompt`` tokens),
+        writing vectors into slots as needed. Raises :class:`SteeringError`
+        when the slots do not suffice (check :meth:`fits` first); on any error
+        nothing stays bound."""
+        plan = self._plan(seq, steers)
+        if plan is None:
+            raise SteeringError(f"not enough free steering slots ({self.n_slots} in all) for {len(steers)} steers")
+        bindings: list[_Binding] = []
+        try:
+            for s, slot, write in plan:
+                if write:
+                    self._keys[slot] = None  # until written: a failed write leaves no stale key
+                    _write_slot(self._ctx, slot, _absolute(s, self._norms), self._n_layer, self._n_embd)
+                    self._keys[slot], self._vectors[slot] = self._key(s), s.vector
+                b = _Binding(seq, slot, s, s.window(n_prompt))
+                self._ctx.steer_bind(b.seq, b.slot, s.strength_at(0), *b.window)
+                self._users[slot].add(seq)
+                bindings.append(b)
+        except BaseException:
+            self.unbind(bindings)
+            raise
+        return bindings
+
+    def update(self, bindings: Iterable[_Binding], step: int) -> None:
+        """Re-bind scheduled strengths for decode step ``step`` of their sequence."""
+        for b in bindings:
+            if b.steer.scheduled:
+                self._ctx.steer_bind(b.seq, b.slot, b.steer.strength_at(step), *b.window)
+
+    def unbind(self, bindings: Iterable[_Binding]) -> None:
+        """Undo :meth:`bind`; the slots keep their vectors for later sequences."""
+        self._clock += 1
+        for b in bindings:
+            if not self._ctx.closed:
+                self._ctx.steer_unbind(b.seq, b.slot)
+            self._users[b.slot].discard(b.seq)
+            self._last_use[b.slot] = self._clock
+
+    def close(self) -> None:
+        """Unbind everything and clear every slot this pool wrote."""
+        if self._ctx.closed:
+            return
+        self._ctx.steer_unbind(-1, -1)
+        for slot, key in enumerate(self._keys):
+            if key is not None:
+                self._ctx.steer_clear(slot)
+        self._keys = [None] * self.n_slots
+        self._vectors = [None] * self.n_slots
+        self._users = [set() for _ in range(self.n_slots)]
