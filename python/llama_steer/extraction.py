@@ -32,6 +32,9 @@ from .steer import Steer, as_steers
 from .tokens import TokenBatch, common_prefix_len
 from .vectors import ControlVector, check_layer
 
+# True: a tqdm bar on a terminal; a callable: called with (tokens decoded, total)
+Progress = bool | Callable[[int, int], None]
+
 if TYPE_CHECKING:
     from .engine import Engine
     from .model import Model
@@ -238,7 +241,7 @@ def capture(
     *,
     batch_size: int | None = None,
     share_prefixes: bool = True,
-    progress: bool = False,
+    progress: Progress = False,
     steer: Steer | Sequence[Steer] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Residual stream (block outputs) of ``prompts``.
@@ -339,7 +342,7 @@ def _capture_rows(
     layers: list[int],
     batch_size: int | None,
     share_prefixes: bool,
-    progress: bool,
+    progress: Progress,
     steers: Sequence[Steer] = (),
     n_prompt: int = 0,
 ) -> list[npt.NDArray[np.float32]]:
@@ -427,9 +430,28 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+class _CallbackBar:
+    """Progress reported to a callable ``(done, total)`` (e.g. a server's
+    progress stream), from the thread that decodes."""
+
+    def __init__(self, total: int, fn: Callable[[int, int], None]) -> None:
+        self._done, self._total, self._fn = 0, total, fn
+        fn(0, total)
+
+    def update(self, n: int) -> None:
+        self._done += n
+        self._fn(self._done, self._total)
+
+    def close(self) -> None:
+        pass
+
+
+
+def _progress_bar(total: int, progress: Progress) -> Any:
+    if callable(progress):
+        return _CallbackBar(total, progress)
     # A bar on a terminal only: logs and CI stay clean.
-    if not enabled or not sys.stderr.isatty():
+    if not progress or not sys.stderr.isatty():
         return _NoBar()
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
@@ -520,7 +542,7 @@ def extract(
     layers: Iterable[int] | None = None,
     read: Read = "last",
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     share_prefixes: bool = True,
 ) -> ControlVector:
     """A control vector from contrastive ``pairs`` on the quantized model.
@@ -538,6 +560,9 @@ def extract(
     (PCA methods), ``heldout_accuracy`` and ``heldout_auc`` (a direction fit
     without every 5th pair, scored on those pairs: does the positive side
     project higher), and ``residual_norm`` (mean norm of the captured stream).
+
+    ``progress``: a bar on a terminal (True), none (False), or a callable
+    ``(tokens_decoded, tokens_total)`` called as the decode advances.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
