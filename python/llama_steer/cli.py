@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import shutil
 import sys
 import textwrap
@@ -526,6 +527,33 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServerConfig, VectorRegistry, serve
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    if args.parallel < 1:
+        raise UsageError("--parallel must be >= 1")
+    path = args.model or default_model_path(args.bundled)
+    model = Model(path, n_ctx=args.n_ctx, n_threads=args.threads, n_seq_max=args.parallel, n_steer_slots=args.slots)
+    with model:
+        registry = VectorRegistry(model.n_embd, model.n_layer)
+        if args.vectors:
+            directory = Path(args.vectors)
+            if not directory.is_dir():
+                raise UsageError(f"--vectors {directory}: not a directory")
+            for warning in registry.load_dir(directory):
+                print(f"llama-steer serve: {warning}", file=sys.stderr)
+        print(
+            f"llama-steer serve: {path.name if isinstance(path, Path) else path}, {len(registry)} vectors, "
+            f"{args.parallel} parallel, playground at http://{args.host}:{args.port}/",
+            file=sys.stderr,
+        )
+        config = ServerConfig(n_parallel=args.parallel, max_queue=args.max_queue, api_key=args.api_key)
+        serve(model, registry, host=args.host, port=args.port, config=config)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import gguf
 
@@ -757,6 +785,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-type", choices=OUT_TYPES, default="auto", help="storage of the tuned tensors")
     _model_file_args(p, "threads")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server, steering per request (needs llama-steer[server])")
+    p.add_argument("--vectors", metavar="DIR", help="register every control-vector *.gguf in DIR (by file stem)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
+    p.add_argument("--slots", type=int, default=8, help="steering slots (distinct vectors bound at once)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond these answer HTTP 429")
+    p.add_argument("--api-key", default=os.environ.get("LLAMA_STEER_API_KEY"), help="require Bearer KEY")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("inspect", help="describe a control-vector or model GGUF")
     p.add_argument("file")

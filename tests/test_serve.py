@@ -1,0 +1,251 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client and
+plain HTTP: replies equal what the library gives alone, per-request steering
+in one batch, the vector registry, errors in OpenAI's shape, limits."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import llama_steer as ls
+import openai
+import pytest
+from conftest import N_THREADS
+from server_util import running_server
+
+QUESTION = "Tell me about your weekend."
+LAYERS = "8-21"
+
+
+@pytest.fixture(scope="module")
+def ref(model_path: Path) -> Iterator[ls.Model]:
+    """A model of the tests' own, for the replies expected (the server owns its model)."""
+    with ls.Model(model_path, n_ctx=1024, n_threads=N_THREADS) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def happy(ref: ls.Model) -> ls.ControlVector:
+    return ls.extract(ref, ls.persona_pairs(ref, "happy")[:80], progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(model_path: Path, happy: ls.ControlVector) -> Iterator[str]:
+    m = ls.Model(model_path, n_ctx=2048, n_threads=N_THREADS, n_seq_max=4, n_steer_slots=4)
+    with m, running_server(m, {"happy": happy}, n_parallel=4, default_max_tokens=64) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused")
+
+
+def expected(ref: ls.Model, happy: ls.ControlVector, strength: float | None, n: int) -> str:
+    prompt = ref.apply_chat_template([{"role": "user", "content": QUESTION}])
+    steer = None if strength is None else ls.Steer(happy, strength, layers=range(8, 22))
+    return ref.complete(prompt, steer=steer, max_tokens=n, temperature=0)
+
+
+def test_chat_matches_the_library(client: openai.OpenAI, ref: ls.Model, happy: ls.ControlVector) -> None:
+    r = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": QUESTION}], max_tokens=20, temperature=0
+    )
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.content == expected(ref, happy, None, 20)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 20
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 20
+
+
+def test_streamed_steered_chat(client: openai.OpenAI, ref: ls.Model, happy: ls.ControlVector) -> None:
+    stream = client.chat.completions.create(
+        model="x",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"steer": [{"vector": "happy", "strength": 6, "layers": LAYERS}]},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected(ref, happy, 6.0, 20) != expected(ref, happy, None, 20)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+
+
+def test_concurrent_requests_each_get_their_steering(
+    client: openai.OpenAI, ref: ls.Model, happy: ls.ControlVector
+) -> None:
+    strengths = [None, 6.0, -6.0, 3.0]
+    out: dict[int, str] = {}
+
+    def one(i: int, s: float | None) -> None:
+        steer = [] if s is None else [{"vector": "happy", "strength": s, "layers": LAYERS}]
+        r = client.chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=16,
+            temperature=0,
+            extra_body={"steer": steer},
+        )
+        out[i] = r.choices[0].message.content or ""
+
+    threads = [threading.Thread(target=one, args=(i, s)) for i, s in enumerate(strengths)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [out[i] for i in range(4)] == [expected(ref, happy, s, 16) for s in strengths]
+
+
+def test_completions_with_logprobs(client: openai.OpenAI, ref: ls.Model) -> None:
+    r = client.completions.create(model="x", prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2)
+    assert r.choices[0].text == ref.complete("The capital of France is", max_tokens=6, temperature=0)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.token_logprobs) == 6 and all(len(t) == 2 for t in lp.top_logprobs)
+    assert all(x <= 0 for x in lp.token_logprobs)
+    streamed = client.completions.create(
+        model="x", prompt="The capital of France is", max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
+
+
+def test_chat_logprobs_and_stop(client: openai.OpenAI, ref: ls.Model, happy: ls.ControlVector) -> None:
+    full = expected(ref, happy, None, 20)
+    stop = full[8:12]
+    r = client.chat.completions.create(
+        model="x",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=20,
+        temperature=0,
+        stop=stop,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert r.choices[0].message.content == full[: full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.top_logprobs[0].token == c.token for c in content)  # greedy picks the top token
+
+
+def test_models_health_metrics_playground(server: str) -> None:
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    models = httpx.get(server + "/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["owned_by"] == "llama-steer"
+    metrics = httpx.get(server + "/metrics").text
+    for name in ("requests_total", "generated_tokens_total", "queue_depth", "active_sequences", "steer_slots_in_use"):
+        assert f"llama_steer_{name}" in metrics
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and "llama-steer playground" in page.text
+
+
+def test_vector_registry(server: str, happy: ls.ControlVector, tmp_path: Path) -> None:
+    listed = httpx.get(server + "/v1/vectors").json()["data"]
+    assert [v["name"] for v in listed] == ["happy"] and listed[0]["n_embd"] == happy.n_embd
+    path = tmp_path / "sad.gguf"
+    (-happy).save(path)
+    r = httpx.post(server + "/v1/vectors?name=sad", content=path.read_bytes())
+    assert r.status_code == 201 and r.json()["source"] == "upload"
+    assert httpx.post(server + "/v1/vectors?name=sad", content=path.read_bytes()).status_code == 409
+    for bad in ("../etc", ".hidden", "a/b", "x" * 65, ""):
+        r = httpx.post(server + "/v1/vectors", params={"name": bad}, content=path.read_bytes())
+        assert r.status_code == 400, bad
+    r = httpx.post(server + "/v1/vectors?name=junk", content=b"GGUF not really")
+    assert r.status_code == 400 and "control-vector" in r.json()["error"]["message"]
+    assert httpx.delete(server + "/v1/vectors/sad").json()["deleted"] is True
+    assert httpx.delete(server + "/v1/vectors/sad").status_code == 404
+
+
+def test_extract_on_the_server_streams_progress(server: str, ref: ls.Model, client: openai.OpenAI) -> None:
+    pairs = [[p.positive, p.negative] for p in ls.persona_pairs(ref, "calm")[:40]]
+    events = []
+    body = {"name": "calm", "pairs": pairs, "stream": True}
+    with httpx.stream("POST", server + "/v1/vectors", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    assert events[0]["status"] == "queued" and events[-1]["status"] == "done"
+    progress = [e for e in events if e["status"] == "extracting"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"]
+    info = events[-1]["vector"]
+    assert info["name"] == "calm" and info["source"] == "extracted"
+    assert info["layers"] == list(range(1, ref.n_layer))
+    assert all(n == pytest.approx(1.0, abs=1e-5) for n in info["norms"].values())  # pca_diff: unit directions
+    r = client.chat.completions.create(
+        model="x",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        extra_body={"steer": [{"vector": "calm"}]},
+    )
+    assert r.choices[0].message.content
+    assert httpx.delete(server + "/v1/vectors/calm").status_code == 200
+
+
+def test_errors_have_openai_shape(client: openai.OpenAI, server: str) -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError, match="no vector named 'nope'"):
+        client.chat.completions.create(model="x", messages=msgs, extra_body={"steer": [{"vector": "nope"}]})  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="strength"):
+        client.chat.completions.create(
+            model="x",
+            messages=msgs,
+            extra_body={"steer": [{"vector": "happy", "strength": "much"}]},  # type: ignore[arg-type]
+        )
+    with pytest.raises(openai.BadRequestError, match="layers"):
+        client.chat.completions.create(
+            model="x",
+            messages=msgs,
+            extra_body={"steer": [{"vector": "happy", "layers": "40-50"}]},  # type: ignore[arg-type]
+        )
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model="x", messages=msgs, n=2)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="x", messages=msgs, max_tokens=100000)  # type: ignore[arg-type]
+    r = httpx.post(server + "/v1/chat/completions", content=b"{" + b" " * (2 << 20) + b"}")
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+    r = httpx.post(server + "/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_client_that_leaves_frees_its_sequence(server: str) -> None:
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break  # leave mid-stream
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = httpx.get(server + "/metrics").text
+        if "llama_steer_active_sequences 0" in metrics:
+            break
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.2)
+    generated = next(line for line in metrics.splitlines() if line.startswith("llama_steer_kv_reserved_tokens"))
+    assert generated.endswith(" 0")
+
+
+def test_queue_full_is_429_and_api_key(model_path: Path) -> None:
+    m = ls.Model(model_path, n_ctx=1024, n_threads=N_THREADS, n_seq_max=1)
+    with m, running_server(m, {}, n_parallel=1, max_queue=0, api_key="s3cret") as url:
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(url + "/health").status_code == 200  # open without the key
+        r = httpx.get(url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 300, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)  # the first one is running
+            busy = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, headers=auth)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        c = openai.OpenAI(base_url=url + "/v1", api_key="s3cret")
+        assert c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
