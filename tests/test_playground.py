@@ -38,12 +38,13 @@ def browser() -> Iterator[object]:
         driver.quit()
 
 
-def test_playground_streams_both_columns(browser, model_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_playground_streams_both_columns(browser, f32_path: Path) -> None:  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    m = ls.Model(model_path, n_ctx=1024, n_threads=N_THREADS, n_seq_max=2)
+    # full precision: the page's greedy replies equal the library's exactly (tests/test_batching.py)
+    m = ls.Model(f32_path, n_ctx=1024, n_threads=N_THREADS, n_seq_max=2, kv_cache="f32")
     happy = ls.extract(m, ls.persona_pairs(m, "happy")[:60], progress=False)
     with m:
         with running_server(m, {"happy": happy}, n_parallel=2) as url:

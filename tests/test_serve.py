@@ -22,9 +22,11 @@ LAYERS = "8-21"
 
 
 @pytest.fixture(scope="module")
-def ref(model_path: Path) -> Iterator[ls.Model]:
-    """A model of the tests' own, for the replies expected (the server owns its model)."""
-    with ls.Model(model_path, n_ctx=1024, n_threads=N_THREADS) as m:
+def ref(f32_path: Path) -> Iterator[ls.Model]:
+    """A model of the tests' own, for the replies expected (the server owns
+    its model). Full precision, weights and KV: the server's replies equal
+    the library's exactly there (see tests/test_batching.py)."""
+    with ls.Model(f32_path, n_ctx=1024, n_threads=N_THREADS, kv_cache="f32") as m:
         yield m
 
 
@@ -34,8 +36,8 @@ def happy(ref: ls.Model) -> ls.ControlVector:
 
 
 @pytest.fixture(scope="module")
-def server(model_path: Path, happy: ls.ControlVector) -> Iterator[str]:
-    m = ls.Model(model_path, n_ctx=2048, n_threads=N_THREADS, n_seq_max=4, n_steer_slots=4)
+def server(f32_path: Path, happy: ls.ControlVector) -> Iterator[str]:
+    m = ls.Model(f32_path, n_ctx=2048, n_threads=N_THREADS, n_seq_max=4, n_steer_slots=4, kv_cache="f32")
     with m, running_server(m, {"happy": happy}, n_parallel=4, default_max_tokens=64) as url:
         yield url
 

@@ -14,7 +14,14 @@ vectors and strengths share one ``llama_decode``). Every step:
    not by its whole length;
 3. one token of every sequence whose prompt is in is decoded together and
    each samples its next token. A prompt's last token joins this step, as in
-   :meth:`Model.generate_batch`: a request's tokens are the ones it gets alone.
+   :meth:`Model.generate_batch`. A conditional Steer (CAST) is decided on the
+   rows captured while its prompt decodes, before its first generated token.
+
+A request computes what it computes alone, but its KV cells land wherever
+the shared cache has room, so the attention sums run in another order: on a
+full-precision model the text is the same (the tests check it exactly); on a
+quantized one that last-bit difference can change a greedy token, as any
+two runs that differ in op order can.
 
 Events go to each request's callback outside the model's lock; a callback
 must be quick (the server's puts them on an asyncio queue). The model must
@@ -35,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _core
 from .errors import BusyError, ClosedError, LlamaSteerError, SupersededError
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
     from .steer import _Binding
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+_MAX_CAPTURE_OUTPUTS = 64  # rows per capture chunk, as Model's prefill (the same numbers)
 
 
 @dataclass(frozen=True)
@@ -61,14 +70,25 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class ConditionOutcome:
+    """What a conditional Steer's condition decided on the prompt."""
+
+    steer: int  # index into the request's steers
+    similarity: float
+    held: bool
+
+
+@dataclass(frozen=True)
 class DoneEvent:
-    """The request ended: why, text still held back, and token counts."""
+    """The request ended: why, text still held back, token counts, and what
+    its conditions (CAST) decided."""
 
     finish_reason: FinishReason
     text: str
     n_prompt: int
     n_generated: int
     error: BaseException | None = None
+    conditions: tuple[ConditionOutcome, ...] = ()
 
 
 Event = TokenEvent | DoneEvent
@@ -111,6 +131,15 @@ class _Running:
     n_generated: int = 0
     last: int = -1  # the sampled token the next step decodes
     bindings: list[_Binding] = field(default_factory=list)
+    # CAST: layers its conditions read, running sums of the prompt's rows
+    # there (for "mean" reads), and what they decided
+    cond_layers: list[int] = field(default_factory=list)
+    cond_sums: dict[int, np.ndarray[Any, Any]] = field(default_factory=dict)
+    conditions: list[ConditionOutcome] = field(default_factory=list)
+
+    @property
+    def mean_reads(self) -> bool:
+        return any(s.condition is not None and s.condition.read == "mean" for s in self.req.steers)
 
     @property
     def need(self) -> int:
@@ -212,13 +241,11 @@ class Batcher:
         tokens = prepare_prompt(list(req.tokens), list(req.steers))
         if not tokens:
             raise ValueError("the prompt is empty")
-        for s in req.steers:
-            if s.condition is not None:
-                raise ValueError("conditional steering (CAST) is not available with continuous batching")
         self._eng.check_steers(req.steers)
         if not 0 <= req.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {req.top_logprobs}")
         r = _Running(req, Ticket(), tokens, req.params.make_sampler(self._eng.n_vocab), TextStream(req.params.stop))
+        r.cond_layers = sorted({s.condition.layer for s in req.steers if s.condition is not None})
         if r.need > self._eng.n_ctx:
             raise ValueError(
                 f"the prompt ({len(tokens)} tokens) plus max_tokens ({req.params.max_tokens}) exceed "
@@ -351,8 +378,49 @@ class Batcher:
             return
         k = min(self._chunk, len(r.tokens) - 1 - r.pos)
         span = range(r.pos, r.pos + k)
-        self._eng.ctx.decode(_core.BatchTokens(r.tokens[r.pos : r.pos + k], list(span), [r.seq] * k, [0] * k))
+        capture = r.mean_reads
+        batch = _core.BatchTokens(r.tokens[r.pos : r.pos + k], list(span), [r.seq] * k, [int(capture)] * k)
+        if capture:  # a condition reads the mean over the prompt: every row, as Model's prefill does
+            rows = self._captured(batch, r.cond_layers)
+            for j, layer in enumerate(r.cond_layers):
+                part = rows[:, j].sum(axis=0, dtype=np.float64)
+                r.cond_sums[layer] = r.cond_sums[layer] + part if layer in r.cond_sums else part
+        else:
+            self._eng.ctx.decode(batch)
         r.pos += k
+
+    def _captured(
+        self, batch: _core.BatchTokens, layers: list[int], max_outputs: int = _MAX_CAPTURE_OUTPUTS
+    ) -> npt.NDArray[np.float32]:
+        """Decode ``batch`` capturing ``layers``: [n_outputs, n_layers, n_embd]."""
+        ctx = self._eng.ctx
+        ctx.set_capture_layers(layers)
+        try:
+            flat = np.asarray(ctx.decode_capture(batch, max_outputs), dtype=np.float32)
+        finally:
+            ctx.set_capture_layers([])
+        return flat.reshape(-1, len(layers), self._eng.n_embd)
+
+    def _decide(self, r: _Running, last: npt.NDArray[np.float32], layers: list[int]) -> None:
+        """Decide ``r``'s conditions from its prompt's captured rows (``last``:
+        the last token's row at ``layers``); unbind the steers whose condition
+        does not hold, before the first generated token is decoded."""
+        assert self._pool is not None
+        for i, s in enumerate(r.req.steers):
+            cond = s.condition
+            if cond is None:
+                continue
+            row = last[layers.index(cond.layer)]
+            if cond.read == "mean":
+                total = r.cond_sums.get(cond.layer, 0.0) + row.astype(np.float64)
+                row = (total / len(r.tokens)).astype(np.float32)
+            sim = float(cond.similarity(row))
+            held = cond.meets(sim)
+            r.conditions.append(ConditionOutcome(i, sim, held))
+            if not held:
+                gone = [b for b in r.bindings if b.steer is s]
+                self._pool.unbind(gone)
+                r.bindings = [b for b in r.bindings if b.steer is not s]
 
     def _decode(self, events: list[tuple[_Running, Event]]) -> None:
         assert self._pool is not None
@@ -369,7 +437,16 @@ class Batcher:
                 self._pool.update(r.bindings, r.n_generated)
                 tokens.append(r.last)
                 pos.append(len(r.tokens) + r.n_generated - 1)
-        ctx.decode(_core.BatchTokens(tokens, pos, [r.seq for r in ready], [1] * len(ready)))
+        batch = _core.BatchTokens(tokens, pos, [r.seq for r in ready], [1] * len(ready))
+        deciding = [(j, r) for j, r in enumerate(ready) if r.cond_layers and r.n_generated == 0]
+        if deciding:
+            layers = sorted({layer for _, r in deciding for layer in r.cond_layers})
+            # one chunk (every row's logits survive), as Model's prefill decodes the last tokens
+            rows = self._captured(batch, layers, max(len(ready), _MAX_CAPTURE_OUTPUTS))
+            for j, r in deciding:
+                self._decide(r, rows[j], layers)
+        else:
+            ctx.decode(batch)
         for j, r in enumerate(ready):
             token, logprob = r.sampler.sample(ctx, j)
             if model.is_eog(token):
@@ -399,7 +476,7 @@ class Batcher:
                 self._eng.ctx.seq_rm(r.seq, 0, -1)
             self._free.append(r.seq)
             self._reserved -= r.need
-        return DoneEvent(reason, r.stream.flush(), len(r.tokens), r.n_generated, error)
+        return DoneEvent(reason, r.stream.flush(), len(r.tokens), r.n_generated, error, tuple(r.conditions))
 
     def _fail_all(self, exc: BaseException) -> None:
         """End every running and queued request with ``exc`` (a step failed:
