@@ -219,6 +219,10 @@ def test_errors_have_openai_shape(client: openai.OpenAI, server: str) -> None:
 
 
 def test_a_client_that_leaves_frees_its_sequence(server: str) -> None:
+    def metric(text: str, name: str) -> float:
+        return float(next(x for x in text.splitlines() if x.startswith(f"llama_steer_{name} ")).split()[1])
+
+    before = metric(httpx.get(server + "/metrics").text, "generated_tokens_total")
     body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 400, "stream": True}
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
@@ -227,12 +231,12 @@ def test_a_client_that_leaves_frees_its_sequence(server: str) -> None:
     deadline = time.monotonic() + 30
     while True:
         metrics = httpx.get(server + "/metrics").text
-        if "llama_steer_active_sequences 0" in metrics:
+        if metric(metrics, "active_sequences") == 0:
             break
         assert time.monotonic() < deadline, metrics
-        time.sleep(0.2)
-    generated = next(line for line in metrics.splitlines() if line.startswith("llama_steer_kv_reserved_tokens"))
-    assert generated.endswith(" 0")
+        time.sleep(0.05)
+    assert metric(metrics, "kv_reserved_tokens") == 0
+    assert metric(metrics, "generated_tokens_total") - before < 200  # cancelled, not run to its 400 tokens
 
 
 def test_queue_full_is_429_and_api_key(model_path: Path) -> None:
@@ -251,3 +255,46 @@ def test_queue_full_is_429_and_api_key(model_path: Path) -> None:
             assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
         c = openai.OpenAI(base_url=url + "/v1", api_key="s3cret")
         assert c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+
+
+def test_condition_and_actadd_forms(client: openai.OpenAI, ref: ls.Model, happy: ls.ControlVector) -> None:
+    msgs = [{"role": "user", "content": QUESTION}]
+    prompt = ref.apply_chat_template(msgs)
+    for threshold, held in ((-1.0, True), (1.0, False)):
+        cond = {"vector": "happy", "layer": 6, "threshold": threshold, "read": "mean"}
+        r = client.chat.completions.create(
+            model="x",
+            messages=msgs,  # type: ignore[arg-type]
+            max_tokens=12,
+            temperature=0,
+            extra_body={"steer": [{"vector": "happy", "strength": 6, "layers": LAYERS, "condition": cond}]},
+        )
+        steer = ls.Steer(happy, 6.0, layers=range(8, 22), condition=ls.Condition(happy[6], 6, threshold))
+        assert r.choices[0].message.content == ref.complete(prompt, steer=steer, max_tokens=12, temperature=0)
+        (outcome,) = r.model_extra["steer_conditions"]  # type: ignore[index]
+        assert outcome["held"] is held and outcome["similarity"] == pytest.approx(
+            ref.last_conditions[0].similarity, abs=1e-5
+        )
+    spec = {"actadd": {"positive": "Love", "negative": "Hate", "layer": 6}, "strength": 5}
+    r = client.chat.completions.create(
+        model="x",
+        messages=msgs,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"steer": [spec]},  # type: ignore[arg-type]
+    )
+    act = ls.ActAdd(ref, "Love", "Hate", 6)
+    alone = ref.complete(prompt, steer=ls.Steer(act, 5.0), max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == alone != expected(ref, happy, None, 12)
+    with pytest.raises(openai.BadRequestError, match="exactly one of vector"):
+        client.chat.completions.create(
+            model="x",
+            messages=msgs,
+            extra_body={"steer": [{**spec, "vector": "happy"}]},  # type: ignore[arg-type]
+        )
+    with pytest.raises(openai.BadRequestError, match="layer"):
+        client.chat.completions.create(
+            model="x",
+            messages=msgs,  # type: ignore[arg-type]
+            extra_body={"steer": [{"actadd": {"positive": "a", "negative": "b", "layer": 99}}]},
+        )

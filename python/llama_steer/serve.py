@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from importlib import resources
@@ -44,12 +45,14 @@ try:
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError("the server needs its extra: pip install 'llama-steer[server]'") from exc
 
+from .actadd import ActAdd
 from .batching import Batcher, DoneEvent, Event, TokenEvent
 from .batching import Request as BatchRequest
+from .conditions import Condition
 from .errors import BusyError, LlamaSteerError, VectorFileError
 from .extraction import check_pairs, extract
 from .model import Model
@@ -61,7 +64,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)
 MAX_BODY = 1 << 20  # JSON bodies
 MAX_UPLOAD = 64 << 20  # an uploaded control vector (a 8k x 80-layer F32 vector is 2.6 MB)
-METHODS = ("pca_diff", "pca_center", "mean_diff", "probe")
+_DISCONNECT_POLL = 0.25  # seconds between checks for a client that left
 
 
 # -- the vector registry -----------------------------------------------------------
@@ -142,11 +145,41 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
 
-class SteerSpec(BaseModel):
-    """One entry of the ``steer`` list."""
+class ConditionSpec(BaseModel):
+    """CAST: steer a request's generated tokens only if its prompt's hidden
+    state at ``layer`` is similar enough to registered vector ``vector``
+    (its direction at that layer)."""
 
     model_config = ConfigDict(extra="forbid")
     vector: str
+    layer: int
+    threshold: float
+    compare: Literal["above", "below"] = "above"
+    read: Literal["mean", "last"] = "mean"
+
+
+class ActAddSpec(BaseModel):
+    """ActAdd: rows from a prompt pair, added at the steered prompt's positions."""
+
+    model_config = ConfigDict(extra="forbid")
+    positive: str = Field(max_length=2000)
+    negative: str = Field(max_length=2000)
+    layer: int
+    location: Literal["front", "back"] | int = "front"
+    pad_prompt: bool = False
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.positive, self.negative, self.layer, self.location, self.pad_prompt)
+
+
+class SteerSpec(BaseModel):
+    """One entry of the ``steer`` list: a registered ``vector`` (optionally
+    with a ``condition``), or an ``actadd`` prompt pair."""
+
+    model_config = ConfigDict(extra="forbid")
+    vector: str | None = None
+    actadd: ActAddSpec | None = None
+    condition: ConditionSpec | None = None
     strength: float | list[float] = 1.0
     layers: str | list[int] | None = None
     positions: Literal["all", "prompt", "generated"] = "all"
@@ -160,6 +193,14 @@ class SteerSpec(BaseModel):
         if not values or any(x != x or abs(x) == float("inf") for x in values):
             raise ValueError("strength must be finite (a list: non-empty)")
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SteerSpec:
+        if (self.vector is None) == (self.actadd is None):
+            raise ValueError("give exactly one of vector (a registered name) or actadd")
+        if self.actadd is not None and self.condition is not None:
+            raise ValueError("an actadd acts on the prompt, before a condition can be decided")
+        return self
 
     def layer_list(self) -> list[int] | None:
         if self.layers is None or isinstance(self.layers, list):
@@ -349,15 +390,41 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
         return _error(exc.status_code, str(exc.detail), _ERROR_TYPES.get(exc.status_code, "server_error"))
 
     # -- helpers ------------------------------------------------------------------------
-    def steers_of(specs: list[SteerSpec]) -> list[Steer]:
+    actadds: OrderedDict[tuple[Any, ...], ActAdd] = OrderedDict()  # built once per prompt pair (LRU)
+
+    async def actadd_of(spec: ActAddSpec) -> ActAdd:
+        key = spec.key()
+        if key not in actadds:
+            # two prompt decodes on the model: the batch drains for them
+            fut = batcher.run_exclusive(
+                lambda m: ActAdd(m, spec.positive, spec.negative, spec.layer, location=spec.location,
+                                 pad_prompt=spec.pad_prompt)
+            )  # fmt: skip
+            actadds[key] = await asyncio.wrap_future(fut)
+            while len(actadds) > 64:
+                actadds.popitem(last=False)
+        actadds.move_to_end(key)
+        return actadds[key]
+
+    async def steers_of(specs: list[SteerSpec]) -> list[Steer]:
         out = []
         for i, spec in enumerate(specs):
             try:
-                entry = registry.get(spec.vector)
-                strength: float | list[float] = spec.strength
+                if spec.actadd is not None:
+                    out.append(Steer(await actadd_of(spec.actadd), spec.strength))
+                    continue
+                assert spec.vector is not None
+                cond = None
+                if spec.condition is not None:
+                    c = spec.condition
+                    cvec = registry.get(c.vector).vector
+                    if c.layer not in cvec.layers:
+                        raise ValueError(f"condition vector {c.vector!r} has no layer {c.layer}")
+                    cond = Condition(cvec[c.layer], c.layer, c.threshold, compare=c.compare, read=c.read)
                 out.append(
-                    Steer(entry.vector, strength, layers=spec.layer_list(), positions=spec.positions,
-                          mode=spec.mode, unit=spec.unit)
+                    Steer(registry.get(spec.vector).vector, spec.strength, layers=spec.layer_list(),
+                          positions=spec.positions,
+                          mode=spec.mode, unit=spec.unit, condition=cond)
                 )  # fmt: skip
             except KeyError as exc:
                 raise HTTPException(400, f"steer[{i}]: {exc.args[0]}") from None
@@ -382,13 +449,21 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
             raise HTTPException(429, str(exc)) from None
         except (ValueError, LlamaSteerError) as exc:
             raise HTTPException(400, str(exc)) from None
+        # uvicorn drops writes to a closed connection silently, so a stream
+        # does not fail when its client leaves: look for the disconnect
+        # message a few times a second, tokens flowing or not
+        checked = time.monotonic()
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    ev = await asyncio.wait_for(queue.get(), timeout=_DISCONNECT_POLL)
                 except asyncio.TimeoutError:
+                    ev = None
+                if ev is None or time.monotonic() - checked > _DISCONNECT_POLL:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
                 yield ev
                 if isinstance(ev, DoneEvent):
@@ -418,6 +493,13 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
             raise HTTPException(500, f"generation failed: {done.error}")
         return "length" if done.finish_reason == "length" else "stop"
 
+    def conditions(done: DoneEvent) -> dict[str, Any]:
+        """What each CAST condition decided (an extension field, only when there were any)."""
+        if not done.conditions:
+            return {}
+        return {"steer_conditions": [{"steer": c.steer, "similarity": c.similarity, "held": c.held}
+                                     for c in done.conditions]}  # fmt: skip
+
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
@@ -433,17 +515,22 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         params = _params(body, cfg.default_max_tokens, len(tokens), model.n_ctx)
-        steers = steers_of(body.steer)
+        steers = await steers_of(body.steer)
         top = (body.top_logprobs or 0) if body.logprobs else 0
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         events = run(request, tokens, steers, params, top)
         first = await anext(events)  # errors before streaming are HTTP errors
 
-        def chunk(delta: dict[str, Any], reason: str | None, lp: list[dict[str, Any]] | None = None) -> str:
+        def chunk(
+            delta: dict[str, Any],
+            reason: str | None,
+            lp: list[dict[str, Any]] | None = None,
+            extra: dict[str, Any] | None = None,
+        ) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": None if lp is None else {"content": lp},
                       "finish_reason": reason}  # fmt: skip
             return sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                        "choices": [choice]})  # fmt: skip
+                        "choices": [choice], **(extra or {})})  # fmt: skip
 
         if body.stream:
 
@@ -464,7 +551,7 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
                             return
                         if ev.text:
                             yield chunk({"content": ev.text}, None)
-                        yield chunk({}, finish(ev))
+                        yield chunk({}, finish(ev), None, conditions(ev))
                         if body.include_usage:
                             yield sse({"id": rid, "object": "chat.completion.chunk", "created": now,
                                        "model": model_name, "choices": [], "usage": usage(ev)})  # fmt: skip
@@ -489,6 +576,7 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
                 }
             ],
             "usage": usage(done),
+            **conditions(done),
         }
         return JSONResponse(result)
 
@@ -497,7 +585,7 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         tokens = model.tokenize(prompt, add_special=True, parse_special=False)
         params = _params(body, 16 if body.max_tokens is None else body.max_tokens, len(tokens), model.n_ctx)
-        steers = steers_of(body.steer)
+        steers = await steers_of(body.steer)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         events = run(request, tokens, steers, params, body.logprobs or 0)
         first = await anext(events)
@@ -537,7 +625,7 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
                         if ev.finish_reason == "error":
                             yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error"}})
                             return
-                        yield sse({**head, "choices": [choice(ev.text, finish(ev), None)]})
+                        yield sse({**head, "choices": [choice(ev.text, finish(ev), None)], **conditions(ev)})
                         if body.include_usage:
                             yield sse({**head, "choices": [], "usage": usage(ev)})
                         break
@@ -556,6 +644,7 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
                 "model": model_name,
                 "choices": [choice(text, finish(done), lp)],
                 "usage": usage(done),
+                **conditions(done),
             }
         )
 
