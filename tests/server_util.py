@@ -41,3 +41,37 @@ def running_server(model: ls.Model, vectors: dict[str, ls.ControlVector], **conf
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def server_process(*args: str, timeout: float = 120) -> Iterator[str]:
+    """``llama-steer serve ARGS`` as a real process on loopback; yields the base URL."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_steer", "serve", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {proc.stdout.read() if proc.stdout else ''}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -15,7 +15,7 @@ import llama_steer as ls
 import openai
 import pytest
 from conftest import N_THREADS
-from server_util import running_server
+from server_util import running_server, server_process
 
 QUESTION = "Tell me about your weekend."
 LAYERS = "8-21"
@@ -36,9 +36,22 @@ def happy(ref: ls.Model) -> ls.ControlVector:
 
 
 @pytest.fixture(scope="module")
-def server(f32_path: Path, happy: ls.ControlVector) -> Iterator[str]:
-    m = ls.Model(f32_path, n_ctx=2048, n_threads=N_THREADS, n_seq_max=4, n_steer_slots=4, kv_cache="f32")
-    with m, running_server(m, {"happy": happy}, n_parallel=4, default_max_tokens=64) as url:
+def calm(ref: ls.Model) -> ls.ControlVector:
+    return ls.extract(ref, ls.persona_pairs(ref, "calm")[:80], progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(
+    f32_path: Path, happy: ls.ControlVector, calm: ls.ControlVector, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """``llama-steer serve`` as a real process on loopback, with happy.gguf
+    and calm.gguf in its --vectors directory."""
+    vectors = tmp_path_factory.mktemp("vectors")
+    happy.save(vectors / "happy.gguf")
+    calm.save(vectors / "calm.gguf")
+    (vectors / "notes.gguf").write_bytes(b"not a vector")  # skipped with a warning, not fatal
+    args = ["-m", str(f32_path), "--kv-cache", "f32", "--vectors", str(vectors), "--parallel", "8", "--slots", "8"]
+    with server_process(*args, "-t", str(N_THREADS), "-c", "2048") as url:
         yield url
 
 
@@ -79,6 +92,61 @@ def test_streamed_steered_chat(client: openai.OpenAI, ref: ls.Model, happy: ls.C
     assert text == expected(ref, happy, 6.0, 20) != expected(ref, happy, None, 20)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+
+
+def test_eight_concurrent_requests_equal_alone_and_offline(
+    client: openai.OpenAI, ref: ls.Model, happy: ls.ControlVector, calm: ls.ControlVector
+) -> None:
+    """Different vectors, strengths and modes (some unsteered) in one batch:
+    each reply is the text of the same request alone and of Model.complete."""
+    band = range(8, 22)
+    cases: list[tuple[list[dict[str, object]], list[ls.Steer]]] = [
+        ([], []),
+        ([{"vector": "happy", "strength": 6, "layers": LAYERS}], [ls.Steer(happy, 6.0, layers=band)]),
+        ([{"vector": "happy", "strength": -6, "layers": LAYERS}], [ls.Steer(happy, -6.0, layers=band)]),
+        ([{"vector": "calm", "strength": 6, "layers": LAYERS}], [ls.Steer(calm, 6.0, layers=band)]),
+        ([{"vector": "calm", "strength": [0, 0, 8], "layers": LAYERS}], [ls.Steer(calm, [0.0, 0.0, 8.0], layers=band)]),
+        (
+            [{"vector": "happy", "strength": 3, "layers": LAYERS}, {"vector": "calm", "strength": 3, "layers": LAYERS}],
+            [ls.Steer(happy, 3.0, layers=band), ls.Steer(calm, 3.0, layers=band)],
+        ),
+        ([{"vector": "happy", "mode": "ablate"}], [ls.Steer(happy, 1.0, mode="ablate")]),
+        ([], []),
+    ]
+    questions = [
+        QUESTION,
+        QUESTION,
+        QUESTION,
+        "Describe your morning.",
+        QUESTION,
+        "What is the sea like?",
+        QUESTION,
+        "Hi!",
+    ]
+
+    def ask(i: int) -> str:
+        r = client.chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": questions[i]}],
+            max_tokens=16,
+            temperature=0,
+            extra_body={"steer": cases[i][0]},
+        )
+        return r.choices[0].message.content or ""
+
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(i))) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    alone = [ask(i) for i in range(8)]
+    offline = [
+        ref.complete(ref.apply_chat_template([{"role": "user", "content": q}]), steer=st, max_tokens=16, temperature=0)
+        for q, (_, st) in zip(questions, cases)
+    ]
+    assert [together[i] for i in range(8)] == alone == offline
+    assert len(set(offline)) >= 6  # the steerings really differ
 
 
 def test_concurrent_requests_each_get_their_steering(
@@ -151,7 +219,8 @@ def test_models_health_metrics_playground(server: str) -> None:
 
 def test_vector_registry(server: str, happy: ls.ControlVector, tmp_path: Path) -> None:
     listed = httpx.get(server + "/v1/vectors").json()["data"]
-    assert [v["name"] for v in listed] == ["happy"] and listed[0]["n_embd"] == happy.n_embd
+    assert [v["name"] for v in listed] == ["calm", "happy"] and listed[1]["n_embd"] == happy.n_embd
+    assert listed[1]["source"].endswith("happy.gguf")
     path = tmp_path / "sad.gguf"
     (-happy).save(path)
     r = httpx.post(server + "/v1/vectors?name=sad", content=path.read_bytes())
@@ -169,7 +238,7 @@ def test_vector_registry(server: str, happy: ls.ControlVector, tmp_path: Path) -
 def test_extract_on_the_server_streams_progress(server: str, ref: ls.Model, client: openai.OpenAI) -> None:
     pairs = [[p.positive, p.negative] for p in ls.persona_pairs(ref, "calm")[:40]]
     events = []
-    body = {"name": "calm", "pairs": pairs, "stream": True}
+    body = {"name": "calm-2", "pairs": pairs, "stream": True}
     with httpx.stream("POST", server + "/v1/vectors", json=body, timeout=120) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
@@ -179,17 +248,17 @@ def test_extract_on_the_server_streams_progress(server: str, ref: ls.Model, clie
     progress = [e for e in events if e["status"] == "extracting"]
     assert progress and progress[-1]["done"] == progress[-1]["total"]
     info = events[-1]["vector"]
-    assert info["name"] == "calm" and info["source"] == "extracted"
+    assert info["name"] == "calm-2" and info["source"] == "extracted"
     assert info["layers"] == list(range(1, ref.n_layer))
     assert all(n == pytest.approx(1.0, abs=1e-5) for n in info["norms"].values())  # pca_diff: unit directions
     r = client.chat.completions.create(
         model="x",
         messages=[{"role": "user", "content": "Hi"}],
         max_tokens=4,
-        extra_body={"steer": [{"vector": "calm"}]},
+        extra_body={"steer": [{"vector": "calm-2"}]},
     )
     assert r.choices[0].message.content
-    assert httpx.delete(server + "/v1/vectors/calm").status_code == 200
+    assert httpx.delete(server + "/v1/vectors/calm-2").status_code == 200
 
 
 def test_errors_have_openai_shape(client: openai.OpenAI, server: str) -> None:
@@ -298,3 +367,70 @@ def test_condition_and_actadd_forms(client: openai.OpenAI, ref: ls.Model, happy:
             messages=msgs,  # type: ignore[arg-type]
             extra_body={"steer": [{"actadd": {"positive": "a", "negative": "b", "layer": 99}}]},
         )
+
+
+def test_faults_under_load(model_path: Path, happy: ls.ControlVector, tmp_path: Path) -> None:
+    """64 clients at once against --parallel 8 (some leave mid-stream), and
+    bad requests among them: each gets its reply or a clear error, the server
+    keeps serving, and nothing leaks."""
+    vectors = tmp_path / "vectors"
+    vectors.mkdir()
+    happy.save(vectors / "happy.gguf")
+    other = ls.ControlVector({5: [0.5] * 64})  # made for a model with n_embd 64
+    other.save(tmp_path / "other.gguf")
+    args = ["-m", str(model_path), "--vectors", str(vectors), "--parallel", "8", "--max-queue", "16"]
+    with server_process(*args, "-t", str(N_THREADS), "-c", "2048") as url:
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def client_(i: int) -> None:
+            steer = [] if i % 3 == 0 else [{"vector": "happy", "strength": (i % 7) - 3, "layers": LAYERS}]
+            body = {"messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 8, "steer": steer}
+            if i % 8 == 1:  # a client that leaves after its first chunk
+                with httpx.stream(
+                    "POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120
+                ) as r:
+                    status = r.status_code
+                    next(r.iter_lines(), None)
+            else:
+                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+                status = r.status_code
+                assert r.json()["choices" if status == 200 else "error"]
+            with lock:
+                statuses.append(status)
+
+        threads = [threading.Thread(target=client_, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        http = httpx.Client(base_url=url, timeout=120)
+        chat = "/v1/chat/completions"
+        bad = [
+            http.post(chat, content=b"{not json", headers={"content-type": "application/json"}),
+            http.post(chat, json={"messages": [{"role": "user", "content": "x " * 3000}]}),
+            http.post("/v1/vectors?name=other", content=(tmp_path / "other.gguf").read_bytes()),
+            http.post(chat, json={"messages": [{"role": "user", "content": "Hi"}], "steer": [{"vector": "missing"}]}),
+            http.delete("/v1/vectors/missing"),
+        ]
+        for t in threads:
+            t.join(300)
+        assert len(statuses) == 64 and set(statuses) <= {200, 429}
+        assert statuses.count(200) >= 8 and statuses.count(429) >= 1
+        assert [r.status_code for r in bad] == [400, 400, 400, 400, 404]
+        assert all(r.json()["error"]["message"] for r in bad)
+        assert "n_embd 64" in bad[2].json()["error"]["message"]
+        assert "context" in bad[1].json()["error"]["message"]
+        deadline = time.monotonic() + 60
+        while True:
+            metrics = http.get("/metrics").text
+            values = {
+                name: float(next(x for x in metrics.splitlines() if x.startswith(f"llama_steer_{name} ")).split()[1])
+                for name in ("active_sequences", "queue_depth", "steer_slots_in_use", "kv_reserved_tokens")
+            }
+            if not any(values.values()):
+                break
+            assert time.monotonic() < deadline, values
+            time.sleep(0.1)
+        r = httpx.post(
+            url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

@@ -535,7 +535,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         raise UsageError("--parallel must be >= 1")
     path = args.model or default_model_path(args.bundled)
-    model = Model(path, n_ctx=args.n_ctx, n_threads=args.threads, n_seq_max=args.parallel, n_steer_slots=args.slots)
+    model = Model(
+        path,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        n_seq_max=args.parallel,
+        n_steer_slots=args.slots,
+        kv_cache=args.kv_cache,
+    )
     with model:
         registry = VectorRegistry(model.n_embd, model.n_layer)
         if args.vectors:
@@ -794,6 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=8, help="steering slots (distinct vectors bound at once)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond these answer HTTP 429")
     p.add_argument("--api-key", default=os.environ.get("LLAMA_STEER_API_KEY"), help="require Bearer KEY")
+    p.add_argument("--kv-cache", default="f16", choices=["f16", "f32"], help="KV cache type")
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
