@@ -534,11 +534,6 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
 
         if body.stream:
 
-            async def stream() -> AsyncIterator[str]:
-                async with contextlib.aclosing(events):
-                    async for part in chat_stream():
-                        yield part
-
             async def chat_stream() -> AsyncIterator[str]:
                 yield chunk({"role": "assistant", "content": ""}, None)
                 ev: Event | None = first
@@ -559,7 +554,7 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
                     ev = await anext(events, None)
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return _event_stream(events, chat_stream())
 
         content, lps, done = await _collect(first, events)
         result = {
@@ -607,11 +602,6 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
 
         if body.stream:
 
-            async def stream() -> AsyncIterator[str]:
-                async with contextlib.aclosing(events):
-                    async for part in text_stream():
-                        yield part
-
             async def text_stream() -> AsyncIterator[str]:
                 ev: Event | None = first
                 offset = 0
@@ -632,7 +622,7 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
                     ev = await anext(events, None)
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return _event_stream(events, text_stream())
 
         text, lps, done = await _collect(first, events)
         lp = legacy_logprobs(lps, 0) if body.logprobs is not None else None
@@ -764,6 +754,18 @@ def create_app(model: Model, registry: VectorRegistry, config: ServerConfig | No
 
 
 _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/vectors", "/health", "/metrics", "/"}
+
+
+def _event_stream(events: AsyncGenerator[Event, None], body: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response of ``body``; however it ends (done, an error, the
+    client gone), ``events`` is closed, which cancels the request."""
+
+    async def stream() -> AsyncIterator[str]:
+        async with contextlib.aclosing(events):
+            async for part in body:
+                yield part
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
 
 
 def _params(body: _SamplingBody, default_max: int, n_prompt: int, n_ctx: int) -> SamplingParams:
