@@ -57,9 +57,9 @@ def license_text() -> str:
     return path.read_text(encoding="utf-8")[:2000]
 
 
-def perplexity(model: object, text: str) -> float:
+def perplexity(model: object, text: str, steer: object = None) -> float:
     head, rest = text.split("\n", 1)
-    per = model.score(head + "\n", rest, per_token=True)[0]  # type: ignore[attr-defined]
+    per = model.score(head + "\n", rest, per_token=True, steer=steer)[0]  # type: ignore[attr-defined]
     return float(np.exp(-np.mean(per)))
 
 
@@ -79,6 +79,10 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--cos-weight", type=float, default=1.0)
+    ap.add_argument("--token-weight", type=float, default=1.0)
+    ap.add_argument("--no-token-only", action="store_true", help="skip the token-loss-only comparison")
+    ap.add_argument("--targets", default="pairs", choices=["pairs", "steered"])
+    ap.add_argument("--teacher-strength", type=float, default=4.0, help="with --targets steered")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--strengths", default="2,4,6,8")
     ap.add_argument("--threads", type=int, default=2)
@@ -98,7 +102,7 @@ def main() -> int:
             outs = [""] * len(prompts)
             for i, tok in m.generate_batch(prompts, [steer] * len(prompts), max_tokens=48, temperature=0):
                 outs[i] += tok.text
-            ppl = perplexity(m, license_text()) if steer is None else float("nan")
+            ppl = perplexity(m, license_text(), steer)
         return outs, ppl
 
     def sentiment(texts: list[str]) -> float:
@@ -109,8 +113,8 @@ def main() -> int:
     rows.append(("original, no steering", sentiment(base_texts), base_ppl))
     vec = ls.ControlVector.load(vec_path)
     for s in (float(x) for x in args.strengths.split(",")):
-        t, _ = answers(model_path, ls.Steer(vec, s, layers=layers))
-        rows.append((f"original, runtime steering {s:+g} at {layers[0]}-{layers[-1]}", sentiment(t), float("nan")))
+        t, ppl = answers(model_path, ls.Steer(vec, s, layers=layers))
+        rows.append((f"original, runtime steering {s:+g} at {layers[0]}-{layers[-1]}", sentiment(t), ppl))
 
     upstream = None
     if not args.no_upstream:
@@ -119,13 +123,22 @@ def main() -> int:
 
         upstream = build_tools("llama-completion", pristine=True) / "llama-completion"
 
-    kw_common = {"layers": layers, "lr": args.lr, "epochs": args.epochs, "n_threads": args.threads}
+    kw_common = {
+        "layers": layers,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "n_threads": args.threads,
+        "token_weight": args.token_weight,
+        "targets": args.targets,
+    }
+    if args.targets == "steered":
+        kw_common["teacher_strength"] = args.teacher_strength
     if args.max_steps:
         kw_common["max_steps"] = args.max_steps
-    configs = {
-        f"tuned (cos_weight {args.cos_weight:g} + token loss)": {"cos_weight": args.cos_weight},
-        "tuned (token loss only, cos_weight 0)": {"cos_weight": 0.0},
-    }
+    name = f"tuned (cos_weight {args.cos_weight:g}, token_weight {args.token_weight:g}, {args.targets})"
+    configs = {name: {"cos_weight": args.cos_weight}}
+    if not args.no_token_only:
+        configs["tuned (token loss only, cos_weight 0)"] = {"cos_weight": 0.0}
     for name, kw in configs.items():
         out = tmp / f"tuned-{len(rows)}.gguf"
         child = {"model": str(model_path), "vector": str(vec_path), "out": str(out), "kw": {**kw_common, **kw}}

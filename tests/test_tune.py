@@ -13,7 +13,7 @@ import pytest
 from llama_steer import _core
 from llama_steer.extraction import capture_positions
 from llama_steer.gguf_file import Source
-from llama_steer.tune import DEFAULT_TRAINABLE
+from llama_steer.tune import DEFAULT_TRAINABLE, _steered_sequences, tuned_metadata
 
 N_THREADS = 2  # fixed: results are deterministic per thread count
 
@@ -187,6 +187,32 @@ def test_bad_input_is_refused_and_nothing_is_left(model_path: Path, happy: ls.Co
         ls.tune(model_path, happy, out, layers=[8], **{**kw, "max_steps": 3}, batch_size=1, lr=3e38, overwrite=True)
     assert out.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
+
+
+def test_steered_targets_are_the_steered_models_replies(
+    model_path: Path, model: ls.Model, happy: ls.ControlVector, tmp_path: Path
+) -> None:
+    """targets="steered": each sequence is a chat prompt and the source
+    model's greedy reply under runtime steering (what the token loss distills)."""
+    prompts = ["Describe a kitchen.", "What is a good breakfast?"]
+    seqs, _ = _steered_sequences(model_path, happy, [8, 9, 10], 4.0, prompts, 12, N_THREADS)
+    steer = ls.Steer(happy, 4.0, layers=[8, 9, 10])
+    for p, s in zip(prompts, seqs):
+        chat = model.apply_chat_template([{"role": "user", "content": p}])
+        head = model.tokenize(chat, parse_special=True)
+        reply = [t.id for t in model.generate(chat, steer=steer, max_tokens=12, temperature=0)]
+        assert s.tokens == head + reply and s.first == len(head)
+    out = tmp_path / "tuned.gguf"
+    r = ls.tune(
+        model_path, happy, out, layers=[8, 9], targets="steered", prompts=prompts * 2, max_completion=8,
+        max_steps=1, batch_size=1, heldout=0.25, n_threads=N_THREADS, progress=False,
+    )  # fmt: skip
+    meta = tuned_metadata(out)
+    assert r.steps == 1 and meta is not None and meta["targets"] == "steered" and meta["teacher_strength"] == 4.0
+    with pytest.raises(ls.TuneError, match="non-empty prompts"):
+        ls.tune(model_path, happy, tmp_path / "x.gguf", layers=[8], targets="steered", prompts=[" "], progress=False)
+    with pytest.raises(ValueError, match="targets"):
+        ls.tune(model_path, happy, tmp_path / "x.gguf", layers=[8], targets="teacher", progress=False)
 
 
 def test_cli_tune_and_inspect(model_path: Path, happy: ls.ControlVector, tmp_path: Path) -> None:

@@ -511,6 +511,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         args.output,
         layers=list(layers),
         data=args.pairs,
+        targets=args.targets,
+        teacher_strength=args.teacher_strength,
         direction=args.direction,
         cos_weight=args.cos_weight,
         token_weight=args.token_weight,
@@ -781,6 +783,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=parse_layers, default=None, metavar="A-B", help="layers of the cosine term")
     p.add_argument("--control-vector-layer-range", dest="layer_range", nargs=2, type=int, metavar=("A", "B"))
     p.add_argument("--pairs", default="happy", help="contrastive pairs: a bundled behaviour or a JSONL/CSV file")
+    p.add_argument(
+        "--targets",
+        choices=("pairs", "steered"),
+        default="pairs",
+        help="token-loss targets: the pairs' completions (the paper's), or the model's own replies to chat "
+        "prompts under runtime steering at --teacher-strength",
+    )
+    p.add_argument("--teacher-strength", type=float, default=4.0, help="runtime strength of --targets steered")
     p.add_argument("--direction", choices=("in", "out"), default="in", help="toward the direction, or away")
     p.add_argument("--cos-weight", type=float, default=1.0, help="weight of the cosine term (default 1)")
     p.add_argument("--token-weight", type=float, default=1.0, help="weight of the token loss (default 1)")

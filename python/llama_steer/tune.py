@@ -72,6 +72,7 @@ DEFAULT_TRAINABLE = ("attn_output", "ffn_gate", "ffn_up", "ffn_down")
 DIRECTIONS = {"in": 0, "out": 1}
 OUT_TYPES = ("auto", "same", "q8_0", "f16", "f32")
 MAX_TOKENS = 512  # longest training sequence
+_MAX_PROMPT = 256  # longest chat prompt with targets="steered"
 
 
 @dataclass
@@ -203,6 +204,51 @@ def _resolve_pairs(data: PairsLike | str, source: Path) -> tuple[list[Pair], Cal
     return pairs, tokens.__getitem__, 0
 
 
+def _steered_sequences(
+    source: Path,
+    vec: ControlVector,
+    layers: Sequence[int],
+    strength: float,
+    prompts: Sequence[str] | None,
+    max_completion: int,
+    n_threads: int | None,
+) -> tuple[list[_Sequence], int]:
+    """Chat prompts followed by the source model's greedy replies under
+    runtime steering (``vec`` at ``strength`` on ``layers``); the replies are
+    the completions. Returns the sequences and a pad token."""
+    from .conditions import topic_prompts
+    from .model import Model
+    from .steer import Steer
+
+    if prompts is None:
+        prompts = [p for topic in ("cooking", "health") for group in topic_prompts(topic) for p in group]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise TuneError("targets='steered' needs non-empty prompts (user messages)")
+    if not np.isfinite(strength) or max_completion < 1:
+        raise ValueError("teacher_strength must be finite and max_completion >= 1")
+    width = 32
+    seqs: list[_Sequence] = []
+    with Model(source, n_ctx=width * (_MAX_PROMPT + max_completion), n_threads=n_threads, n_seq_max=width) as m:
+        steer = Steer(vec, strength, layers=layers)
+        chats = [m.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        for p, chat in zip(prompts, chats):
+            if len(m.tokenize(chat, add_special=True, parse_special=True)) > _MAX_PROMPT:
+                raise TuneError(f"a prompt is longer than {_MAX_PROMPT} tokens: {p[:60]!r}...")
+        for start in range(0, len(chats), width):
+            batch = chats[start : start + width]
+            replies: list[list[int]] = [[] for _ in batch]
+            for i, tok in m.generate_batch(batch, [steer] * len(batch), max_tokens=max_completion, temperature=0):
+                replies[i].append(tok.id)
+            for chat, reply in zip(batch, replies):
+                head = m.tokenize(chat, add_special=True, parse_special=True)
+                if reply:
+                    seqs.append(_Sequence(head + reply, len(head)))
+    if not seqs:
+        raise TuneError("the steered model replied to none of the prompts")
+    return seqs, 0
+
+
 def _encode(codec: Codec, type_: int, x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
     """The bytes of ``x`` stored as ``type_``."""
     if type_ == GGML_F32:
@@ -250,6 +296,10 @@ def tune(
     *,
     layers: Sequence[int],
     data: PairsLike | str = "happy",
+    targets: str = "pairs",
+    teacher_strength: float = 4.0,
+    prompts: Sequence[str] | None = None,
+    max_completion: int = 48,
     direction: str = "in",
     cos_weight: float = 1.0,
     token_weight: float = 1.0,
@@ -274,7 +324,14 @@ def tune(
     ``layers``: where the cosine term acts (and, unless ``train_layers`` says
     otherwise, whose ``trainable`` matrices are trained). ``data``: contrastive
     pairs (a bundled behaviour name such as ``"happy"``, a JSONL/CSV file, or
-    pairs). ``cos_weight`` / ``token_weight``: the two loss terms (0 switches
+    pairs), used with ``targets="pairs"`` (the paper's: both sides of every
+    pair, the token loss on their shared completion). ``targets="steered"``:
+    the sequences are chat prompts (``prompts``, user messages; default the
+    240 bundled topic prompts) each followed by the source model's own greedy
+    reply, ``max_completion`` tokens long, under runtime steering with
+    ``vector`` at ``teacher_strength`` on ``layers``: the token loss then
+    distills that steering into the weights, and the cosine term acts on the
+    replies. ``cos_weight`` / ``token_weight``: the two loss terms (0 switches
     one off). ``heldout``: the share of sequences kept out of training, on
     which the cosine and token loss are measured before and after.
     ``out_type``: ``"auto"`` (see the module doc, ``keep`` the bound),
@@ -323,8 +380,13 @@ def tune(
     train_layers = layers if train_layers is None else sorted({check_layer(int(il), n_layer) for il in train_layers})
     names = _trainable_names(src, train_layers, trainable)
 
-    pairs, tokenize, pad = _resolve_pairs(data, src_path)
-    seqs = _sequences(pairs, tokenize)
+    if targets == "pairs":
+        pairs, tokenize, pad = _resolve_pairs(data, src_path)
+        seqs = _sequences(pairs, tokenize)
+    elif targets == "steered":
+        seqs, pad = _steered_sequences(src_path, vec, layers, teacher_strength, prompts, max_completion, n_threads)
+    else:
+        raise ValueError(f"targets must be 'pairs' or 'steered', got {targets!r}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(seqs))
     n_held = int(round(heldout * len(seqs))) if len(seqs) > 1 else 0
@@ -444,6 +506,8 @@ def tune(
             "direction": direction,
             "cos_weight": cos_weight,
             "token_weight": token_weight,
+            "targets": targets,
+            **({"teacher_strength": teacher_strength} if targets == "steered" else {}),
             "lr": lr,
             "epochs": epochs,
             "steps": report.steps,
