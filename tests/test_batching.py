@@ -216,6 +216,8 @@ def test_bad_requests(bmodel: ls.Model, vec: ls.ControlVector) -> None:
             b.submit(Request([], Sink()))
         with pytest.raises(ValueError, match="n_embd"):
             b.submit(Request(p, Sink(), [ls.Steer({5: [1.0, 2.0]}, 1.0)]))
+        with pytest.raises(ValueError, match="steering slots"):
+            b.submit(Request(p, Sink(), [ls.Steer(vec, 1.0), ls.Steer(vec, 2.0), ls.Steer(vec, 3.0)]))
         b.submit(Request(p, Sink()))
         b.submit(Request(p, Sink()))  # one running (after the next step), one queued
         with pytest.raises(ls.BusyError):

@@ -251,8 +251,9 @@ class Batcher:
                 f"the prompt ({len(tokens)} tokens) plus max_tokens ({req.params.max_tokens}) exceed "
                 f"the context of {self._eng.n_ctx} tokens"
             )
-        if self._pool is not None and len(req.steers) > self._pool.n_slots:
-            raise ValueError(f"{len(req.steers)} steers, more than the {self._pool.n_slots} steering slots")
+        n_slots = self._eng.ctx.steer_n_slots
+        if len(req.steers) > n_slots:  # it would wait forever
+            raise ValueError(f"{len(req.steers)} steers, more than the {n_slots} steering slots of the model")
         with self._cv:
             if self._stopping:
                 raise ClosedError("the batcher is closed")
