@@ -227,7 +227,7 @@ def _steered_sequences(
         raise TuneError("targets='steered' needs non-empty prompts (user messages)")
     if not np.isfinite(strength) or max_completion < 1:
         raise ValueError("teacher_strength must be finite and max_completion >= 1")
-    width = 32
+    width = 16  # replies generated together
     seqs: list[_Sequence] = []
     with Model(source, n_ctx=width * (_MAX_PROMPT + max_completion), n_threads=n_threads, n_seq_max=width) as m:
         steer = Steer(vec, strength, layers=layers)
