@@ -326,7 +326,7 @@ def test_queue_full_is_429_and_api_key(model_path: Path) -> None:
         assert c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
 
 
-def test_condition_and_actadd_forms(client: openai.OpenAI, ref: ls.Model, happy: ls.ControlVector) -> None:
+def test_condition_relative_and_actadd_forms(client: openai.OpenAI, ref: ls.Model, happy: ls.ControlVector) -> None:
     msgs = [{"role": "user", "content": QUESTION}]
     prompt = ref.apply_chat_template(msgs)
     for threshold, held in ((-1.0, True), (1.0, False)):
@@ -344,6 +344,16 @@ def test_condition_and_actadd_forms(client: openai.OpenAI, ref: ls.Model, happy:
         assert outcome["held"] is held and outcome["similarity"] == pytest.approx(
             ref.last_conditions[0].similarity, abs=1e-5
         )
+    rel = {"vector": "happy", "strength": 0.1, "layers": LAYERS, "unit": "relative"}
+    r = client.chat.completions.create(
+        model="x",
+        messages=msgs,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"steer": [rel]},  # type: ignore[arg-type]
+    )
+    steer = ls.Steer(happy, 0.1, layers=range(8, 22), unit="relative")
+    assert r.choices[0].message.content == ref.complete(prompt, steer=steer, max_tokens=12, temperature=0)
     spec = {"actadd": {"positive": "Love", "negative": "Hate", "layer": 6}, "strength": 5}
     r = client.chat.completions.create(
         model="x",
