@@ -120,9 +120,9 @@ def test_utf8_streaming_never_breaks_characters(model: ls.Model) -> None:
     assert len(ids) > len(text) // 2
     pieces = [bytes(model._m.token_to_piece(i, False)) for i in ids]
     assert any(not _is_complete_utf8(p) for p in pieces), "test needs a token that splits a character"
-    from llama_steer.model import _TextStream
+    from llama_steer.sampling import TextStream
 
-    stream = _TextStream(())
+    stream = TextStream(())
     texts = [stream.push(p)[0] for p in pieces]
     assert all("\ufffd" not in t for t in texts)
     assert "".join(texts) + stream.flush() == text

@@ -47,7 +47,7 @@ import numpy.typing as npt
 from . import _core
 from .errors import BusyError, ClosedError, LlamaSteerError, SupersededError
 from .sampling import SamplingParams, TextStream
-from .steer import SlotPool, Steer, prepare_prompt
+from .steer import SlotPool, Steer, check_fits, prepare_prompt
 
 if TYPE_CHECKING:
     from .model import Model
@@ -186,6 +186,12 @@ class Batcher:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self._model = model
         self._eng = eng
+        # read once: submit() runs on other threads and must not enter the
+        # context while the scheduler decodes
+        with eng.lock:
+            self._n_slots = ctx.steer_n_slots
+            self._hooked = frozenset(il for il in range(eng.n_layer) if ctx.steer_layer_hooked(il))
+        self._arch, self._n_ctx, self._n_vocab = eng.arch, eng.n_ctx, eng.n_vocab
         self._n_parallel, self._chunk, self._max_queue = n_parallel, prefill_chunk, max_queue
         self._cv = threading.Condition()
         self._queue: deque[_Running] = deque()
@@ -241,19 +247,18 @@ class Batcher:
         tokens = prepare_prompt(list(req.tokens), list(req.steers))
         if not tokens:
             raise ValueError("the prompt is empty")
-        self._eng.check_steers(req.steers)
+        check_fits(None, req.steers, self._eng.n_layer, self._eng.n_embd, self._arch, self._hooked)
         if not 0 <= req.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {req.top_logprobs}")
-        r = _Running(req, Ticket(), tokens, req.params.make_sampler(self._eng.n_vocab), TextStream(req.params.stop))
+        r = _Running(req, Ticket(), tokens, req.params.make_sampler(self._n_vocab), TextStream(req.params.stop))
         r.cond_layers = sorted({s.condition.layer for s in req.steers if s.condition is not None})
-        if r.need > self._eng.n_ctx:
+        if r.need > self._n_ctx:
             raise ValueError(
                 f"the prompt ({len(tokens)} tokens) plus max_tokens ({req.params.max_tokens}) exceed "
-                f"the context of {self._eng.n_ctx} tokens"
+                f"the context of {self._n_ctx} tokens"
             )
-        n_slots = self._eng.ctx.steer_n_slots
-        if len(req.steers) > n_slots:  # it would wait forever
-            raise ValueError(f"{len(req.steers)} steers, more than the {n_slots} steering slots of the model")
+        if len(req.steers) > self._n_slots:  # it would wait forever
+            raise ValueError(f"{len(req.steers)} steers, more than the {self._n_slots} steering slots of the model")
         with self._cv:
             if self._stopping:
                 raise ClosedError("the batcher is closed")

@@ -9,7 +9,7 @@ model never carries hidden steering state.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -318,9 +318,18 @@ def _absolute(s: Steer, norms: Mapping[int, float] | None) -> Steer:
     return s.absolute(norms)
 
 
-def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd: int, arch: str | None = None) -> None:
+def check_fits(
+    ctx: _core.Context | None,
+    steers: Sequence[Steer],
+    n_layer: int,
+    n_embd: int,
+    arch: str | None = None,
+    hooked: Collection[int] | None = None,
+) -> None:
     """Raise unless every steer fits the model: n_embd, layer range, hooks,
-    and (given ``arch``) the architecture an ActAdd was built on."""
+    and (given ``arch``) the architecture an ActAdd was built on. The hooks
+    are asked of ``ctx``, or looked up in ``hooked`` (the layers with a hook,
+    read once: a thread that must not touch a busy context)."""
     for s in steers:
         if s.actadd is not None:
             s.actadd.check_fits(n_layer, n_embd, arch)
@@ -336,7 +345,7 @@ def check_fits(ctx: _core.Context, steers: Sequence[Steer], n_layer: int, n_embd
             s.condition.check_fits(n_layer, n_embd)
             layers.append(s.condition.layer)
         for layer in layers:
-            if not ctx.steer_layer_hooked(layer):
+            if not (layer in hooked if hooked is not None else ctx is not None and ctx.steer_layer_hooked(layer)):
                 raise SteeringError(
                     f"this model's graph has no steering hook after block {layer}: steering it would do nothing"
                 )
