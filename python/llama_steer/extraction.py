@@ -446,7 +446,6 @@ class _CallbackBar:
         pass
 
 
-
 def _progress_bar(total: int, progress: Progress) -> Any:
     if callable(progress):
         return _CallbackBar(total, progress)
