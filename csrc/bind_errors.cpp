@@ -23,6 +23,8 @@ void register_errors(py::module_&) {
             raise("ModelLoadError", e);
         } catch (const ContextOverflowError& e) {
             raise("ContextOverflowError", e);
+        } catch (const WorkerLostError& e) {
+            raise("WorkerLostError", e);
         } catch (const DecodeError& e) {
             raise("DecodeError", e);
         } catch (const ClosedError& e) {

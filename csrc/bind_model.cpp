@@ -1,6 +1,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings.h"
+#include "llama-steer.h"
 #include "model.h"
 
 namespace py = pybind11;
@@ -10,9 +11,17 @@ namespace llama_steer {
 void register_model(py::module_& m) {
     py::class_<Model, std::shared_ptr<Model>>(m, "Model")
         // Loading reads hundreds of MB; no Python object is touched.
-        .def(py::init<const std::string&, int32_t, bool>(), py::arg("path"), py::arg("n_gpu_layers") = 0,
-             py::arg("writable") = false,
+        .def(py::init<const std::string&, int32_t, bool, const std::vector<std::string>&>(), py::arg("path"),
+             py::arg("n_gpu_layers") = 0, py::arg("writable") = false, py::arg("rpc") = std::vector<std::string>{},
              py::call_guard<py::gil_scoped_release>())
+        .def_property_readonly("rpc", &Model::rpc)
+        .def(
+            "tensor_buffer",
+            [](const Model& self, const std::string& name) {
+                const ggml_tensor* t = llama_steer_model_tensor(self.get(), name.c_str());
+                return t && t->buffer ? std::string(ggml_backend_buffer_name(t->buffer)) : std::string();
+            },
+            py::arg("name"), "The buffer type holding a weight tensor (\"\" if none).")
         .def_property_readonly("n_layer", &Model::n_layer)
         .def_property_readonly("n_embd", &Model::n_embd)
         .def_property_readonly("n_vocab", &Model::n_vocab)

@@ -10,4 +10,5 @@ void register_context(pybind11::module_& m);
 void register_steering(pybind11::module_& m);
 void register_quant(pybind11::module_& m);
 void register_tune(pybind11::module_& m);
+void register_rpc(pybind11::module_& m);
 }  // namespace llama_steer

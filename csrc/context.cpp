@@ -119,6 +119,16 @@ void Context::seq_cp(llama_seq_id src, llama_seq_id dst, llama_pos p0, llama_pos
 void Context::run(int32_t n) {
     batch_.n_tokens = n;
     const int32_t rc = llama_decode(ctx_.get(), batch_);
+    if (!model_->rpc().empty()) {
+        // A lost worker shows as a failed compute or as zeroed outputs: wait
+        // for the remote work, then ask ggml whether a connection dropped.
+        llama_synchronize(ctx_.get());
+        const std::string lost = model_->lost_worker();
+        if (!lost.empty()) {
+            throw WorkerLostError("lost the connection to the RPC worker at " + lost +
+                                  ", which holds some of the model's layers; load the model again");
+        }
+    }
     if (rc == 1) throw ContextOverflowError("no room left in the KV cache (n_ctx " + std::to_string(n_ctx_) + ")");
     if (rc == -1) throw InvalidArgument("llama.cpp rejected the batch as invalid");
     if (rc != 0) throw DecodeError("llama_decode failed with code " + std::to_string(rc));

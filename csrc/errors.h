@@ -24,6 +24,11 @@ struct ContextOverflowError : Error {
 struct DecodeError : Error {
     using Error::Error;
 };
+// An RPC worker holding some of the model's layers was lost: the model can
+// no longer decode (load it again once the worker is back).
+struct WorkerLostError : DecodeError {
+    using DecodeError::DecodeError;
+};
 // The object was closed; using it again is an error, never a crash.
 struct ClosedError : Error {
     using Error::Error;

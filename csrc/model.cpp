@@ -4,11 +4,13 @@
 #include <fstream>
 
 #include "errors.h"
+#include "rpc.h"
 #include "runtime.h"
 
 namespace llama_steer {
 
-Model::Model(const std::string& path, int32_t n_gpu_layers, bool writable) {
+Model::Model(const std::string& path, int32_t n_gpu_layers, bool writable, const std::vector<std::string>& rpc)
+    : rpc_(rpc) {
     runtime_init();
     {
         // llama.cpp reports a bad file only through its log; check the magic
@@ -24,11 +26,35 @@ Model::Model(const std::string& path, int32_t n_gpu_layers, bool writable) {
     llama_model_params params = llama_model_default_params();
     params.n_gpu_layers = n_gpu_layers;
     if (writable) params.load_mode = LLAMA_LOAD_MODE_NONE;  // read into our own buffers
+    std::vector<ggml_backend_dev_t> devices;
+    if (!rpc.empty()) {
+        // The workers' devices first (as llama.cpp orders them: fewer
+        // transfers), then this machine's GPUs; the CPU is always there.
+        devices = rpc_devices(rpc);
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            const auto type = ggml_backend_dev_type(dev);
+            if ((type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU) &&
+                std::string(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev))) != "RPC") {
+                devices.push_back(dev);
+            }
+        }
+        devices.push_back(nullptr);
+        params.devices = devices.data();
+        for (const auto& ep : rpc) rpc_failures_at_load_.push_back(rpc_failures(ep));
+    }
     model_.reset(llama_model_load_from_file(path.c_str(), params));
     if (!model_) {
         throw ModelLoadError("llama.cpp could not load the model (truncated, corrupt or unsupported): " + path);
     }
     vocab_ = llama_model_get_vocab(model_.get());
+}
+
+std::string Model::lost_worker() const {
+    for (size_t i = 0; i < rpc_.size(); ++i) {
+        if (rpc_failures(rpc_[i]) != rpc_failures_at_load_[i]) return rpc_[i];
+    }
+    return {};
 }
 
 std::string Model::meta(const std::string& key) const {

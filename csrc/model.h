@@ -16,7 +16,10 @@ class Model {
 public:
     // writable: weights read into memory of our own (no mmap), which a
     // trainer may change; otherwise they stay a read-only map of the file.
-    Model(const std::string& path, int32_t n_gpu_layers, bool writable = false);
+    // rpc: "host:port" of ggml RPC workers; n_gpu_layers of the model's
+    // layers go to their devices (and this machine's GPUs), as in llama.cpp.
+    Model(const std::string& path, int32_t n_gpu_layers, bool writable = false,
+          const std::vector<std::string>& rpc = {});
 
     const llama_model* get() const { return model_.get(); }
     llama_model* get() { return model_.get(); }
@@ -42,9 +45,16 @@ public:
     bool is_eog(llama_token token) const { return llama_vocab_is_eog(vocab_, token); }
     void check_token(llama_token token) const;
 
+    const std::vector<std::string>& rpc() const { return rpc_; }
+    // The first RPC worker whose connection was lost since the model loaded
+    // ("" if none): its layers are gone, so the model cannot decode again.
+    std::string lost_worker() const;
+
 private:
     llama_model_ptr model_;
     const llama_vocab* vocab_ = nullptr;
+    std::vector<std::string> rpc_;
+    std::vector<uint64_t> rpc_failures_at_load_;
 };
 
 }  // namespace llama_steer

@@ -10,6 +10,7 @@ PYBIND11_MODULE(_core, m) {
     llama_steer::register_steering(m);
     llama_steer::register_quant(m);
     llama_steer::register_tune(m);
+    llama_steer::register_rpc(m);
     m.def("set_log_level", &llama_steer::set_log_level, "0 debug, 1 info, 2 warn, 3 error, 4 none");
     m.def("log_level", &llama_steer::log_level);
     m.def("supports_gpu_offload", &llama_supports_gpu_offload, "True on a CUDA or Metal build with a device");

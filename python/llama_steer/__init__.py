@@ -26,6 +26,7 @@ from .errors import (
     SupersededError,
     TuneError,
     VectorFileError,
+    WorkerLostError,
 )
 from .evaluation import ABDataset, EvalResult, evaluate, load_ab_dataset, plot_curve, word_odds_curve
 from .extraction import Pair, behaviours, extract, load_pairs, persona_pairs
@@ -87,5 +88,6 @@ __all__ = [
     "SupersededError",
     "Token",
     "VectorFileError",
+    "WorkerLostError",
     "default_model_path",
 ]

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import rpc
 from .actadd import ActAdd
 from .errors import LlamaSteerError
 from .model import Model
@@ -101,7 +102,12 @@ def _is_number(s: str) -> bool:
 
 def _load(args: argparse.Namespace) -> Model:
     path = args.model or default_model_path(args.bundled)
-    return Model(path, n_ctx=args.n_ctx, n_threads=args.threads)
+    return Model(path, n_ctx=args.n_ctx, n_threads=args.threads, **_placement(args))
+
+
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the layers go: ``--rpc`` workers and ``--n-gpu-layers``."""
+    return {"rpc": args.rpc, "n_gpu_layers": args.n_gpu_layers}
 
 
 def _load_vector(spec: str) -> tuple[ControlVector, float]:
@@ -187,6 +193,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bundled", default="smollm2-135m", choices=sorted(MODELS), help="embedded model to use")
     g.add_argument("-c", "--ctx-size", "--n-ctx", dest="n_ctx", type=int, default=4096, help="context size")
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument(
+        "--rpc",
+        metavar="HOST:PORT,...",
+        help="put layers on these ggml RPC workers (started with: llama-steer rpc-worker)",
+    )
+    g.add_argument(
+        "-ngl",
+        "--n-gpu-layers",
+        type=int,
+        default=None,
+        help="layers on the GPUs and RPC workers (default: all with --rpc, else 0; -1: all)",
+    )
 
 
 def _add_steer_args(p: argparse.ArgumentParser, *, vector_required: bool = False) -> None:
@@ -544,6 +562,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         n_seq_max=args.parallel,
         n_steer_slots=args.slots,
         kv_cache=args.kv_cache,
+        **_placement(args),
     )
     with model:
         registry = VectorRegistry(model.n_embd, model.n_layer)
@@ -686,6 +705,22 @@ def side_by_side(headers: Sequence[str], texts: Sequence[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def cmd_rpc_worker(args: argparse.Namespace) -> int:
+    if not rpc.available():
+        raise UsageError("this build has no RPC backend (build with -Ccmake.define.LLAMA_STEER_RPC=ON)")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be >= 1")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"llama-steer rpc-worker: listening on {args.host}: ggml RPC has no authentication or encryption; "
+            "expose it only to a network you trust",
+            file=sys.stderr,
+        )
+    sys.stdout.flush()
+    rpc.serve(args.host, args.port, args.threads)
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------
 def _model_file_args(p: argparse.ArgumentParser, threads: str) -> None:
     """Options of the commands that write a new model file (bake, tune)."""
@@ -814,6 +849,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", default="f16", choices=["f16", "f32"], help="KV cache type")
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("rpc-worker", help="serve this machine's CPU/GPU to models loaded with --rpc (ggml RPC)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only; no auth!)")
+    p.add_argument("--port", type=int, default=rpc.DEFAULT_PORT)
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.set_defaults(func=cmd_rpc_worker)
 
     p = sub.add_parser("inspect", help="describe a control-vector or model GGUF")
     p.add_argument("file")

@@ -53,9 +53,10 @@ class Engine:
         n_seq_max: int,
         n_steer_slots: int,
         kv_cache: str = "f16",
+        rpc: Sequence[str] = (),
     ) -> None:
         self.lock = threading.RLock()
-        self._model: _core.Model | None = _core.Model(str(path), n_gpu_layers)
+        self._model: _core.Model | None = _core.Model(str(path), n_gpu_layers, rpc=list(rpc))
         params = _core.ContextParams()
         params.n_ctx = n_ctx
         params.n_batch = n_batch

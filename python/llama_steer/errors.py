@@ -25,6 +25,11 @@ class DecodeError(LlamaSteerError):
     """llama.cpp failed to evaluate a batch or to create a context."""
 
 
+class WorkerLostError(DecodeError):
+    """An RPC worker holding some of the model's layers went away: the model
+    cannot decode any more (load it again once the worker is back)."""
+
+
 class ClosedError(LlamaSteerError):
     """The model (or another resource) was used after ``close()``."""
 
@@ -76,6 +81,7 @@ __all__ = [
     "ModelLoadError",
     "ContextOverflowError",
     "DecodeError",
+    "WorkerLostError",
     "ClosedError",
     "SupersededError",
     "ConcurrentUseError",

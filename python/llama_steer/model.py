@@ -15,6 +15,7 @@ import numpy.typing as npt
 from . import _core
 from .engine import Engine, Prompt
 from .extraction import Read, capture
+from .rpc import rpc_endpoints
 from .sampling import SamplingParams, TextStream
 from .scoring import ScoreJob, score_jobs, split_at_seam
 from .steer import Steer, SteeringSession, as_steers, prepare_prompt
@@ -54,7 +55,12 @@ class Model:
 
     ``n_ctx`` is the context window shared by all sequences, ``n_threads``
     defaults to every core, ``n_gpu_layers`` offloads layers on a CUDA or
-    Metal build. ``kv_cache="f32"`` keeps keys and values in float32 and
+    Metal build. ``rpc=["host:port", ...]`` puts layers on ggml RPC workers
+    on other machines (``llama-steer rpc-worker``), their devices first, as
+    llama.cpp's ``--rpc`` does; ``n_gpu_layers`` then defaults to every
+    layer (-1) instead of 0. A worker that is lost while the model runs
+    makes the next call raise :class:`~llama_steer.errors.WorkerLostError`.
+    ``kv_cache="f32"`` keeps keys and values in float32 and
     attends without flash attention (which works in float16): slower, for
     exactness checks on full-precision models. Use as a context manager or
     call :meth:`close`; after that every method raises
@@ -70,11 +76,12 @@ class Model:
         *,
         n_ctx: int = 4096,
         n_threads: int | None = None,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int | None = None,
         n_batch: int = 512,
         n_seq_max: int = 64,
         n_steer_slots: int = 8,
         kv_cache: str = "f16",
+        rpc: Sequence[str] | str | None = None,
     ) -> None:
         for name, value in (
             ("n_ctx", n_ctx),
@@ -86,7 +93,10 @@ class Model:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
             raise ValueError(f"n_threads must be a positive int or None, got {n_threads!r}")
-        if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+        workers = rpc_endpoints(rpc)
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if workers else 0
+        if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be an int >= -1, got {n_gpu_layers!r}")
         if kv_cache not in ("f16", "f32"):
             raise ValueError(f"kv_cache must be 'f16' or 'f32', got {kv_cache!r}")
@@ -101,6 +111,7 @@ class Model:
             n_seq_max=n_seq_max,
             n_steer_slots=n_steer_slots,
             kv_cache=kv_cache,
+            rpc=workers,
         )
 
     @classmethod
