@@ -70,7 +70,11 @@ void register_steering(py::module_& m) {
             py::arg("seq"), py::arg("slot"), py::arg("strength"), py::arg("p0"), py::arg("p1"))
         .def("steer_unbind", [](Context& c, llama_seq_id seq, int32_t slot) { return Steering(c).unbind(seq, slot); },
              py::arg("seq"), py::arg("slot"))
-        .def("steer_stats", [](Context& c) { return Steering(c).stats(); });
+        .def("steer_stats", [](Context& c) { return Steering(c).stats(); })
+        .def(
+            "steer_layer_buffer",
+            [](Context& c, int32_t il, int32_t kind) { return Steering(c).layer_buffer(il, kind); },
+            py::arg("il"), py::arg("kind") = 0);
 }
 
 }  // namespace llama_steer

@@ -75,4 +75,9 @@ int32_t Steering::unbind(llama_seq_id seq, int32_t slot) {
 
 llama_steer_stats Steering::stats() const { return llama_steer_get_stats(ctx_.get()); }
 
+std::string Steering::layer_buffer(int32_t il, int32_t kind) const {
+    const char* name = llama_steer_layer_buffer(ctx_.get(), il, kind);
+    return name ? std::string(name) : std::string();
+}
+
 }  // namespace llama_steer

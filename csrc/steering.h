@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "context.h"
 #include "llama-steer.h"
@@ -31,6 +32,8 @@ public:
     void bind(llama_seq_id seq, int32_t slot, float strength, llama_pos p0, llama_pos p1);
     int32_t unbind(llama_seq_id seq, int32_t slot);
     llama_steer_stats stats() const;
+    // buffer type of layer il's steering tensors of a kind (0 vectors, 1 ablation, 2 rows); "" if none
+    std::string layer_buffer(int32_t il, int32_t kind) const;
 
 private:
     Context& ctx_;

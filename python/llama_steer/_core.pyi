@@ -6,9 +6,9 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BatchTokens', 'Context', 'ContextParams', 'Model', 'Sampler', 'SamplerParams', 'SteerStats', 'Trainer', 'TrainerParams', 'dequantize', 'log_level', 'quant_can_roundtrip', 'quant_row_size', 'quant_type_name', 'quantize', 'set_log_level', 'supports_gpu_offload']
+__all__: list[str] = ['BatchTokens', 'Context', 'ContextParams', 'Model', 'Sampler', 'SamplerParams', 'SteerStats', 'Trainer', 'TrainerParams', 'dequantize', 'log_level', 'quant_can_roundtrip', 'quant_row_size', 'quant_type_name', 'quantize', 'rpc_available', 'rpc_check', 'rpc_failures', 'rpc_serve', 'set_log_level', 'supports_gpu_offload']
 class Model:
-    def __init__(self, path: str, n_gpu_layers: typing.SupportsInt | typing.SupportsIndex = 0, writable: bool = False) -> None:
+    def __init__(self, path: str, n_gpu_layers: typing.SupportsInt | typing.SupportsIndex = 0, writable: bool = False, rpc: collections.abc.Sequence[str] = []) -> None:
         ...
     def apply_chat_template(self, messages: collections.abc.Sequence[tuple[str, str]], add_generation_prompt: bool) -> str:
         ...
@@ -18,6 +18,10 @@ class Model:
         ...
     def meta(self, key: str) -> str:
         ...
+    def tensor_buffer(self, name: str) -> str:
+        """
+        The buffer type holding a weight tensor ("" if none).
+        """
     def token_to_piece(self, token: typing.SupportsInt | typing.SupportsIndex, special: bool) -> bytes:
         ...
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
@@ -39,6 +43,9 @@ class Model:
         ...
     @property
     def n_vocab(self) -> int:
+        ...
+    @property
+    def rpc(self) -> list[str]:
         ...
     @property
     def size(self) -> int:
@@ -118,6 +125,8 @@ class Context:
     def steer_clear(self, slot: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def steer_init(self, n_slots: typing.SupportsInt | typing.SupportsIndex, n_dirs: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def steer_layer_buffer(self, il: typing.SupportsInt | typing.SupportsIndex, kind: typing.SupportsInt | typing.SupportsIndex = 0) -> str:
         ...
     def steer_layer_hooked(self, il: typing.SupportsInt | typing.SupportsIndex) -> bool:
         ...
@@ -310,6 +319,20 @@ def quantize(type: typing.SupportsInt | typing.SupportsIndex, data: typing.Annot
     """
     float32 array [nrows, n_per_row] -> raw rows of ggml type `type` (uint8 [nrows, row bytes])
     """
+def rpc_available() -> bool:
+    """
+    Whether this build has ggml's RPC backend.
+    """
+def rpc_check(endpoints: collections.abc.Sequence[str], timeout_ms: typing.SupportsInt | typing.SupportsIndex = 5000) -> int:
+    """
+    Reach each worker and return how many devices they serve together (raises ModelLoadError).
+    """
+def rpc_failures(endpoint: str) -> int:
+    """
+    How many times the connection to an RPC worker was lost (or could not be made).
+    """
+def rpc_serve(endpoint: str, n_threads: typing.SupportsInt | typing.SupportsIndex) -> None:
+    ...
 def set_log_level(arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
     0 debug, 1 info, 2 warn, 3 error, 4 none
