@@ -20,17 +20,8 @@ import time
 from collections.abc import Callable
 
 import llama_steer as ls
-import numpy as np
+from bench_steering import random_vector  # this directory is on sys.path when run as a script
 from llama_steer import rpc
-
-
-def random_vector(model: ls.Model, seed: int = 0, norm: float = 2.0) -> ls.ControlVector:
-    rng = np.random.default_rng(seed)
-    dirs = {}
-    for k in range(1, model.n_layer):
-        v = rng.standard_normal(model.n_embd).astype(np.float32)
-        dirs[k] = v * np.float32(norm / np.linalg.norm(v))
-    return ls.ControlVector(dirs)
 
 
 def decode_rate(model: ls.Model, steer: ls.Steer | None, n: int) -> float:
