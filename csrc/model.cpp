@@ -31,14 +31,7 @@ Model::Model(const std::string& path, int32_t n_gpu_layers, bool writable, const
         // The workers' devices first (as llama.cpp orders them: fewer
         // transfers), then this machine's GPUs; the CPU is always there.
         devices = rpc_devices(rpc);
-        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-            const auto type = ggml_backend_dev_type(dev);
-            if ((type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU) &&
-                std::string(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev))) != "RPC") {
-                devices.push_back(dev);
-            }
-        }
+        for (ggml_backend_dev_t dev : local_gpus()) devices.push_back(dev);
         devices.push_back(nullptr);
         params.devices = devices.data();
         for (const auto& ep : rpc) rpc_failures_at_load_.push_back(rpc_failures(ep));

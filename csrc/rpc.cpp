@@ -88,6 +88,20 @@ std::string try_connect(const std::string& endpoint, int32_t timeout_ms) {
 
 }  // namespace
 
+std::vector<ggml_backend_dev_t> local_gpus() {
+    runtime_init();
+    std::vector<ggml_backend_dev_t> out;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        const auto type = ggml_backend_dev_type(dev);
+        const bool remote = std::strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0;
+        if ((type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU) && !remote) {
+            out.push_back(dev);
+        }
+    }
+    return out;
+}
+
 #ifdef LLAMA_STEER_RPC
 
 bool rpc_available() { return true; }
@@ -123,15 +137,7 @@ uint64_t rpc_failures(const std::string& endpoint) { return ggml_backend_rpc_fai
 void rpc_serve(const std::string& endpoint, int32_t n_threads) {
     runtime_init();
     split_endpoint(endpoint);
-    std::vector<ggml_backend_dev_t> devs;
-    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-        const auto type = ggml_backend_dev_type(dev);
-        const bool remote = std::strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0;
-        if ((type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU) && !remote) {
-            devs.push_back(dev);
-        }
-    }
+    std::vector<ggml_backend_dev_t> devs = local_gpus();
     if (devs.empty()) {
         ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
         if (cpu == nullptr) throw Error("no CPU device to serve");

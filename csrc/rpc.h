@@ -13,6 +13,10 @@ namespace llama_steer {
 // Whether this build has the RPC backend (CMake option LLAMA_STEER_RPC).
 bool rpc_available();
 
+// This machine's GPUs (CUDA, Metal, ...), RPC devices excluded; the workers'
+// devices come first in a model's list, then these.
+std::vector<ggml_backend_dev_t> local_gpus();
+
 // The devices of each worker ("host:port"), in order. Each worker is first
 // reached with a plain TCP connect bounded by timeout_ms, so a wrong address
 // is a clear ModelLoadError instead of a stall inside ggml.
