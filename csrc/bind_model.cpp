@@ -14,7 +14,6 @@ void register_model(py::module_& m) {
         .def(py::init<const std::string&, int32_t, bool, const std::vector<std::string>&>(), py::arg("path"),
              py::arg("n_gpu_layers") = 0, py::arg("writable") = false, py::arg("rpc") = std::vector<std::string>{},
              py::call_guard<py::gil_scoped_release>())
-        .def_property_readonly("rpc", &Model::rpc)
         .def(
             "tensor_buffer",
             [](const Model& self, const std::string& name) {

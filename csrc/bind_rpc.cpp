@@ -11,13 +11,6 @@ void register_rpc(py::module_& m) {
     m.def("rpc_available", &rpc_available, "Whether this build has ggml's RPC backend.");
     m.def("rpc_failures", &rpc_failures, py::arg("endpoint"),
           "How many times the connection to an RPC worker was lost (or could not be made).");
-    m.def(
-        "rpc_check",
-        [](const std::vector<std::string>& endpoints, int32_t timeout_ms) {
-            return static_cast<int>(rpc_devices(endpoints, timeout_ms).size());
-        },
-        py::arg("endpoints"), py::arg("timeout_ms") = 5000, py::call_guard<py::gil_scoped_release>(),
-        "Reach each worker and return how many devices they serve together (raises ModelLoadError).");
     // Never returns while the server runs: the GIL is released, and the
     // caller restores default signal handling so that Ctrl-C ends it.
     m.def("rpc_serve", &rpc_serve, py::arg("endpoint"), py::arg("n_threads"),

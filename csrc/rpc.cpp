@@ -7,13 +7,11 @@
 #include "runtime.h"
 
 #ifdef LLAMA_STEER_RPC
-#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "ggml-cpu.h"
 #include "ggml-rpc.h"
 #endif
 
@@ -109,11 +107,7 @@ bool rpc_available() { return true; }
 std::vector<ggml_backend_dev_t> rpc_devices(const std::vector<std::string>& endpoints, int32_t timeout_ms) {
     runtime_init();
     std::vector<ggml_backend_dev_t> devs;
-    for (size_t i = 0; i < endpoints.size(); ++i) {
-        const std::string& ep = endpoints[i];
-        for (size_t j = 0; j < i; ++j) {
-            if (endpoints[j] == ep) throw InvalidArgument("RPC worker " + ep + " is listed twice");
-        }
+    for (const std::string& ep : endpoints) {
         const std::string why = try_connect(ep, timeout_ms);
         if (!why.empty()) {
             throw ModelLoadError("cannot reach the RPC worker at " + ep + ": " + why +

@@ -17,7 +17,8 @@ bool rpc_available();
 // devices come first in a model's list, then these.
 std::vector<ggml_backend_dev_t> local_gpus();
 
-// The devices of each worker ("host:port"), in order. Each worker is first
+// The devices of each worker ("host:port", distinct: llama_steer.rpc's
+// rpc_endpoints checks the list's form), in order. Each worker is first
 // reached with a plain TCP connect bounded by timeout_ms, so a wrong address
 // is a clear ModelLoadError instead of a stall inside ggml.
 std::vector<ggml_backend_dev_t> rpc_devices(const std::vector<std::string>& endpoints, int32_t timeout_ms = 5000);

@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BatchTokens', 'Context', 'ContextParams', 'Model', 'Sampler', 'SamplerParams', 'SteerStats', 'Trainer', 'TrainerParams', 'dequantize', 'log_level', 'quant_can_roundtrip', 'quant_row_size', 'quant_type_name', 'quantize', 'rpc_available', 'rpc_check', 'rpc_failures', 'rpc_serve', 'set_log_level', 'supports_gpu_offload']
+__all__: list[str] = ['BatchTokens', 'Context', 'ContextParams', 'Model', 'Sampler', 'SamplerParams', 'SteerStats', 'Trainer', 'TrainerParams', 'dequantize', 'log_level', 'quant_can_roundtrip', 'quant_row_size', 'quant_type_name', 'quantize', 'rpc_available', 'rpc_failures', 'rpc_serve', 'set_log_level', 'supports_gpu_offload']
 class Model:
     def __init__(self, path: str, n_gpu_layers: typing.SupportsInt | typing.SupportsIndex = 0, writable: bool = False, rpc: collections.abc.Sequence[str] = []) -> None:
         ...
@@ -43,9 +43,6 @@ class Model:
         ...
     @property
     def n_vocab(self) -> int:
-        ...
-    @property
-    def rpc(self) -> list[str]:
         ...
     @property
     def size(self) -> int:
@@ -323,10 +320,6 @@ def rpc_available() -> bool:
     """
     Whether this build has ggml's RPC backend.
     """
-def rpc_check(endpoints: collections.abc.Sequence[str], timeout_ms: typing.SupportsInt | typing.SupportsIndex = 5000) -> int:
-    """
-    Reach each worker and return how many devices they serve together (raises ModelLoadError).
-    """
 def rpc_failures(endpoint: str) -> int:
     """
     How many times the connection to an RPC worker was lost (or could not be made).
@@ -339,6 +332,6 @@ def set_log_level(arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
 def supports_gpu_offload() -> bool:
     """
-    True on a CUDA or Metal build with a device
+    True on a CUDA or Metal build with a device on this machine
     """
 __version__: str = '0.1.0'

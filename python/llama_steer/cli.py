@@ -706,8 +706,6 @@ def side_by_side(headers: Sequence[str], texts: Sequence[str]) -> str:
 
 
 def cmd_rpc_worker(args: argparse.Namespace) -> int:
-    if not rpc.available():
-        raise UsageError("this build has no RPC backend (build with -Ccmake.define.LLAMA_STEER_RPC=ON)")
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be >= 1")
     if args.host not in ("127.0.0.1", "localhost", "::1"):

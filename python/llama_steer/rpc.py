@@ -67,8 +67,6 @@ def rpc_endpoints(rpc: Sequence[str] | str | None) -> list[str]:
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: int | None = None) -> None:
     """Serve this machine's devices (its GPUs, else its CPU with ``threads``)
     to RPC clients until the process is ended (Ctrl-C works). Does not return."""
-    if not available():
-        raise LlamaSteerError("this build of llama-steer has no RPC backend")
     endpoint = rpc_endpoints(f"{host}:{port}")[0]
     # The server loop is C++ and never returns: let SIGINT/SIGTERM end the
     # process directly instead of waiting for Python's handler.
