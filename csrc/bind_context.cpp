@@ -53,11 +53,11 @@ void register_context(py::module_& m) {
         .def_property_readonly("capture_layers", &Context::capture_layers)
         .def(
             "decode_capture",
-            [](Context& self, const BatchTokens& b, int32_t max_outputs) {
+            [](Context& self, const BatchTokens& b, int32_t max_outputs, bool logits) {
                 std::vector<float> rows;
                 {
                     py::gil_scoped_release release;
-                    rows = self.decode_capture(b, max_outputs);
+                    rows = self.decode_capture(b, max_outputs, logits);
                 }
                 const auto n_cap = static_cast<py::ssize_t>(self.capture_layers().size());
                 const auto n_embd = static_cast<py::ssize_t>(self.model().n_embd());
@@ -66,7 +66,7 @@ void register_context(py::module_& m) {
                 std::copy(rows.begin(), rows.end(), out.mutable_data());
                 return out;
             },
-            py::arg("batch"), py::arg("max_outputs") = 64)
+            py::arg("batch"), py::arg("max_outputs") = 64, py::arg("logits") = true)
         .def(
             "embeddings",
             [](Context& self, int32_t i) {

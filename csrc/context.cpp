@@ -136,13 +136,29 @@ void Context::run(int32_t n) {
 
 void Context::decode(const BatchTokens& b) { decode_chunks(b, nullptr, params_.n_batch); }
 
-std::vector<float> Context::decode_capture(const BatchTokens& b, int32_t max_outputs) {
+std::vector<float> Context::decode_capture(const BatchTokens& b, int32_t max_outputs, bool logits) {
     if (capture_layers_.empty()) throw InvalidArgument("no capture layers are set");
     if (max_outputs < 1) throw InvalidArgument("max_outputs must be positive");
     std::vector<float> out;
-    decode_chunks(b, &out, max_outputs);
+    if (logits) {
+        decode_chunks(b, &out, max_outputs);
+        return out;
+    }
+    // Without logits llama.cpp keeps no per-output buffer of n_vocab floats,
+    // so the chunks need not be bounded by their outputs.
+    Use use(*this);
+    set_capture_only(true);
+    struct Off {
+        Context* self;
+        ~Off() {
+            if (!self->closed()) llama_steer_capture_only(self->ctx_.get(), false);  // cannot fail on a live context
+        }
+    } off{this};
+    decode_chunks(b, &out, params_.n_batch);
     return out;
 }
+
+void Context::set_capture_only(bool enable) { check_steer(llama_steer_capture_only(get(), enable), "capture"); }
 
 void Context::set_capture_layers(const std::vector<int32_t>& layers) {
     Use use(*this);

@@ -85,7 +85,11 @@ public:
     // order, as [n_outputs][n_capture_layers][n_embd]. Chunks hold at most
     // max_outputs outputs (bounding llama.cpp's logits buffer); pass n_batch
     // to split the batch exactly as decode() does.
-    std::vector<float> decode_capture(const BatchTokens& batch, int32_t max_outputs = 64);
+    // With logits=false the decode is capture-only (llama_steer_capture_only):
+    // no LM head, no logits, chunks of n_batch, and the blocks after the
+    // deepest captured layer do not run, so the KV cache of these tokens is
+    // incomplete: clear it before decoding the sequences for logits.
+    std::vector<float> decode_capture(const BatchTokens& batch, int32_t max_outputs = 64, bool logits = true);
     // Decodes one token per listed sequence, each with its logits kept.
     void decode_step(const std::vector<llama_token>& tokens, const std::vector<llama_pos>& pos,
                      const std::vector<llama_seq_id>& seq);
@@ -103,6 +107,7 @@ private:
     void check_seq(llama_seq_id seq) const;
     void run(int32_t n);
     void decode_chunks(const BatchTokens& batch, std::vector<float>* captured, int32_t max_outputs);
+    void set_capture_only(bool enable);
 
     std::atomic<std::thread::id> owner_{};
     int32_t depth_ = 0;  // nested Uses of the owning thread
