@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from lexicon import mood
 from llama_steer import _core
-from llama_steer.extraction import direction
+from llama_steer.directions import direction
+from llama_steer.extraction import capture_positions
 
 
 def _final_norm(model: ls.Model, x: np.ndarray) -> np.ndarray:
@@ -200,3 +201,119 @@ def test_bad_pairs(model: ls.Model, model_path: Path) -> None:
         ls.extract(model, [("a", "b")], method="svd", progress=False)
     with ls.Model(model_path, n_ctx=64, n_threads=2) as small, pytest.raises(ls.ContextOverflowError, match="pair 1"):
         ls.extract(small, [("a", "b"), ("word " * 400, "b")], progress=False)
+
+
+def _context(model: ls.Model, n_batch: int) -> _core.Context:
+    params = _core.ContextParams()
+    params.n_ctx = 256
+    params.n_threads = 2
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = 4
+    return _core.Context(model._m, params)
+
+
+def _batch(ids: list[int], outputs: set[int]) -> _core.BatchTokens:
+    return _core.BatchTokens(ids, list(range(len(ids))), [0] * len(ids), [int(i in outputs) for i in range(len(ids))])
+
+
+@pytest.mark.parametrize("layers", [[1, 15, 29], [3, 9]], ids=["to-last-block", "pruned-after-9"])
+def test_capture_only_decode_equals_full_decode(model: ls.Model, layers: list[int]) -> None:
+    """A capture-only decode (no LM head, no blocks after the deepest captured
+    layer, their cache stores dropped) gives the same rows bit for bit as a
+    full decode with the same chunks, including chunks without any output
+    (whose cache entries the later chunks' attention reads)."""
+    ids = model.tokenize("Steering vectors live in the residual stream of a transformer, " * 4, parse_special=True)
+    assert len(ids) > 40
+    outputs = {5, len(ids) - 7, len(ids) - 1}  # the middle chunks have none
+    ctx = _context(model, 16)
+    try:
+        ctx.set_capture_layers(layers)
+        full = ctx.decode_capture(_batch(ids, outputs), 64)
+        ctx.clear()
+        only = ctx.decode_capture(_batch(ids, outputs), 64, logits=False)
+        assert only.shape == (len(outputs), len(layers), model.n_embd)
+        np.testing.assert_array_equal(only, full)
+        # no logits were kept, and a later full decode (cache cleared) is untouched
+        with pytest.raises(ValueError, match="no logits"):
+            ctx.logits(-1)
+        ctx.clear()
+        ctx.set_capture_layers([])
+        ctx.decode(_batch(ids[:16], {15}))
+        after = np.array(ctx.logits(-1))
+    finally:
+        ctx.close()
+    fresh = _context(model, 16)
+    try:
+        fresh.decode(_batch(ids[:16], {15}))
+        np.testing.assert_array_equal(after, np.array(fresh.logits(-1)))
+    finally:
+        fresh.close()
+
+
+def test_capture_only_needs_capture_layers(model: ls.Model) -> None:
+    ctx = _context(model, 16)
+    try:
+        with pytest.raises(ValueError, match="no capture layers"):
+            ctx.decode_capture(_batch([1, 2, 3], {2}), 64, logits=False)
+    finally:
+        ctx.close()
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center", "probe"])
+def test_streamed_solver_equals_exact(method: str) -> None:
+    """PairStats past its exact-rows limit (moments, or for probe a sample)
+    against the one-shot fit on every row: the same directions."""
+    from llama_steer.directions import PairStats, held_out_mask
+
+    rng = np.random.default_rng(3)
+    n, n_layers, n_embd = 300, 3, 24
+    true = rng.normal(size=(n_layers, n_embd))
+    base = rng.normal(size=(n, n_layers, n_embd)) * 3
+    pos = (base + true + 0.5 * rng.normal(size=base.shape)).astype(np.float32)
+    neg = (base - true + 0.5 * rng.normal(size=base.shape)).astype(np.float32)
+    limit = 200 if method == "probe" else 20  # probe keeps a sample of `limit` pairs
+    streamed = PairStats(method, n, n_layers, n_embd, limit=limit)
+    exact = PairStats(method, n, n_layers, n_embd, limit=n)
+    for i in rng.permutation(n):  # any arrival order
+        streamed.add(int(i), pos[i], neg[i])
+        exact.add(int(i), pos[i], neg[i])
+    assert streamed.train.folded and not exact.train.folded
+    d_s, diag_s = streamed.solve([0, 1, 2])
+    d_e, diag_e = exact.solve([0, 1, 2])
+    held = held_out_mask(n)
+    for li in range(n_layers):
+        want, _ = direction(method, pos[:, li].astype(np.float64), neg[:, li].astype(np.float64))
+        np.testing.assert_allclose(d_e[li], want, rtol=1e-5, atol=1e-6)  # exact path = one-shot fit
+        a, b = d_s[li].astype(np.float64), d_e[li].astype(np.float64)
+        cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        # moments: float rounding only; probe: a 200-pair sample of 240 training pairs
+        assert cos > (0.98 if method == "probe" else 1 - 1e-6), (li, cos)
+        assert diag_s["residual_norm"][li] == pytest.approx(diag_e["residual_norm"][li], rel=1e-9)
+        if method in ("pca_diff", "pca_center"):
+            assert diag_s["explained_variance"][li] == pytest.approx(diag_e["explained_variance"][li], rel=1e-6)
+    assert held.sum() == n // 5
+
+
+def test_held_out_pairs_are_capped() -> None:
+    from llama_steer.directions import MAX_HELD, held_out_mask
+
+    assert held_out_mask(4).sum() == 0
+    assert held_out_mask(100).sum() == 20
+    assert held_out_mask(100_000).sum() == MAX_HELD
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center", "probe"])
+def test_extract_equals_prompt_by_prompt_reference_on_f32(f32_model: ls.Model, method: str) -> None:
+    """On full-precision weights (where another op order moves numbers only
+    at float rounding) the prefix-shared, capture-only, streamed extraction
+    equals a reference built independently: every prompt decoded alone
+    through generation's prefill, and the one-shot solver on all rows."""
+    pairs = ls.persona_pairs(f32_model, "happy", n_personas=2, max_pairs=24)
+    layers = [2, 12, 24]
+    got = ls.extract(f32_model, pairs, method=method, layers=layers, progress=False)
+    rows = capture_positions(f32_model, [s for p in pairs for s in (p.positive, p.negative)], layers)
+    last = np.stack([r[-1] for r in rows]).astype(np.float64)  # [2n, layers, n_embd]
+    for i, layer in enumerate(layers):
+        want, _ = direction(method, last[0::2, i], last[1::2, i])
+        cos = float(got[layer] @ want / np.linalg.norm(got[layer]) / np.linalg.norm(want))
+        assert cos > 0.999, (layer, cos)

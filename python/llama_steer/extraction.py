@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from .directions import PairStats, check_method
 from .errors import DatasetError, LlamaSteerError
 from .steer import Steer, as_steers
 from .tokens import TokenBatch, common_prefix_len
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 Read = Literal["last", "mean"] | Callable[[Sequence[int]], Sequence[int]]
 Method = Literal["mean_diff", "pca_diff", "pca_center", "probe"]
-METHODS: tuple[str, ...] = ("mean_diff", "pca_diff", "pca_center", "probe")
 
 
 # -- pairs --------------------------------------------------------------------
@@ -215,16 +214,6 @@ class _Trie:
             path.append(node)
         return path
 
-    def leaves_dfs(self) -> list[int]:
-        out, stack = [], [0]
-        while stack:
-            node = stack.pop()
-            kids = self.children[node]
-            if not kids and node != 0:
-                out.append(node)
-            stack.extend(reversed(list(kids.values())))
-        return out
-
     def path(self, node: int) -> list[int]:
         out = []
         while node > 0:
@@ -346,9 +335,38 @@ def _capture_rows(
     steers: Sequence[Steer] = (),
     n_prompt: int = 0,
 ) -> list[npt.NDArray[np.float32]]:
-    """Per prompt, the captured rows [n_positions, n_layers, n_embd].
-    ``n_prompt``: the prompt length steering windows are computed for (the
-    shortest prompt: one binding serves every prompt)."""
+    """Per prompt, the captured rows [n_positions, n_layers, n_embd]."""
+    out: list[npt.NDArray[np.float32] | None] = [None] * len(token_lists)
+
+    def keep(i: int, rows: npt.NDArray[np.float32]) -> None:
+        out[i] = rows
+
+    _stream_rows(eng, token_lists, positions, layers, keep, batch_size, share_prefixes, progress, steers, n_prompt)
+    return [r for r in out if r is not None]
+
+
+def _stream_rows(
+    eng: Engine,
+    token_lists: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    layers: list[int],
+    sink: Callable[[int, npt.NDArray[np.float32]], None],
+    batch_size: int | None,
+    share_prefixes: bool,
+    progress: Progress,
+    steers: Sequence[Steer] = (),
+    n_prompt: int = 0,
+) -> None:
+    """Call ``sink(i, rows)`` with prompt i's captured rows [n_positions,
+    n_layers, n_embd] as soon as they are all decoded, in about prompt order,
+    each prompt once. A row is held only until the prompts reading it have
+    had it, so memory stays bounded by one group of sequences whatever the
+    number of prompts. ``n_prompt``: the prompt length steering windows are
+    computed for (the shortest prompt: one binding serves every prompt).
+
+    Decodes are capture-only: no LM head, and no blocks after the deepest
+    captured layer (each group starts from a cleared cache).
+    """
     ctx = eng.ctx
     n_seq = ctx.n_seq_max if batch_size is None else min(int(batch_size), ctx.n_seq_max)
     if n_seq < 1:
@@ -359,14 +377,20 @@ def _capture_rows(
     for i, (toks, pos) in enumerate(zip(token_lists, positions)):
         path = trie.insert(toks, None if share_prefixes else i)
         reads.append([path[p] for p in pos])
-    wanted = {n for r in reads for n in r}
+    readers: dict[int, list[int]] = {}  # node -> prompts still waiting for its row
+    for i, r in enumerate(reads):
+        for n in dict.fromkeys(r):
+            readers.setdefault(n, []).append(i)
+    refs = {n: len(ps) for n, ps in readers.items()}  # node -> prompts that have not had its row
+    missing = [len(set(r)) for r in reads]
 
-    groups = _group_leaves(trie, n_seq, eng.n_ctx)
-    results: dict[int, npt.NDArray[np.float32]] = {}
+    groups = _group_leaves(trie, _leaves_in_prompt_order(trie, reads), n_seq, eng.n_ctx)
+    rows: dict[int, npt.NDArray[np.float32]] = {}
     # Every sequence gets the same steering (so a token shared by several
     # sequences is steered the same way), bound once for all groups.
     per_seq = {s: list(steers) for s in range(n_seq)} if steers else {}
     bar = _progress_bar(sum(len(g[1]) for g in groups), progress)
+    n_batch = ctx.n_batch
     with eng.call(per_seq, dict.fromkeys(per_seq, n_prompt)):
         try:
             ctx.set_capture_layers(layers)
@@ -377,49 +401,91 @@ def _capture_rows(
                 for leaf in leaves:
                     for n in trie.path(leaf):
                         seqs[n].append(seq_of_leaf[leaf])
-                batch = TokenBatch()
-                out_nodes = []
-                for n in nodes:  # DFS preorder: each sequence sees consecutive positions
-                    is_out = n in wanted and n not in results  # a re-decoded prefix is read once
-                    batch.add(trie.token[n], trie.depth[n], seqs[n], is_out)
-                    if is_out:
-                        out_nodes.append(n)
                 ctx.clear()
-                if out_nodes:
-                    captured = ctx.decode_capture(batch.build())
+                # chunks of n_batch tokens in DFS preorder (each sequence sees
+                # consecutive positions; the cache keeps earlier chunks), rows
+                # handed on after each chunk
+                for start in range(0, len(nodes), n_batch):
+                    batch = TokenBatch()
+                    out_nodes = []
+                    for n in nodes[start : start + n_batch]:
+                        is_out = n in readers  # not read yet (a re-decoded prefix is read once)
+                        batch.add(trie.token[n], trie.depth[n], seqs[n], is_out)
+                        if is_out:
+                            out_nodes.append(n)
+                    captured = ctx.decode_capture(batch.build(), logits=False)
+                    ready = []
                     for n, row in zip(out_nodes, captured):
-                        results[n] = row
-                bar.update(len(nodes))
+                        rows[n] = row.copy()  # not a view: the chunk's array is freed
+                        for i in readers.pop(n):
+                            missing[i] -= 1
+                            if missing[i] == 0:
+                                ready.append(i)
+                    del captured
+                    for i in sorted(ready):
+                        sink(i, np.stack([rows[n] for n in reads[i]]))
+                        for n in dict.fromkeys(reads[i]):
+                            refs[n] -= 1
+                            if refs[n] == 0:
+                                del rows[n]
+                    bar.update(min(n_batch, len(nodes) - start))
         finally:
             bar.close()
             if not eng.closed:
                 ctx.set_capture_layers([])
-    return [np.stack([results[n] for n in r]) for r in reads]
 
 
-def _group_leaves(trie: _Trie, n_seq: int, n_ctx: int) -> list[tuple[list[int], list[int]]]:
-    """Split the leaves (in DFS order, so neighbours share prefixes) into
-    groups of at most n_seq sequences whose union of nodes fits the cache.
-    Returns (leaves, nodes in DFS preorder) per group."""
-    groups: list[tuple[list[int], list[int]]] = []
-    leaves: list[int] = []
+def _leaves_in_prompt_order(trie: _Trie, reads: Sequence[Sequence[int]]) -> list[int]:
+    """The leaves to decode, in the order of the prompts whose rows they
+    carry (both sides of a pair come out close together, so few rows wait
+    for their partner): for each prompt, the first leaf below its deepest
+    read node. Leaves below no read node are not decoded."""
+    out: list[int] = []
     seen: set[int] = set()
-    order: list[int] = []
-    for leaf in trie.leaves_dfs():
+    for r in reads:
+        node = max(r, key=lambda n: trie.depth[n])
+        while trie.children[node]:
+            node = next(iter(trie.children[node].values()))
+        if node not in seen:
+            seen.add(node)
+            out.append(node)
+    return out
+
+
+def _group_leaves(trie: _Trie, leaves: Sequence[int], n_seq: int, n_ctx: int) -> list[tuple[list[int], list[int]]]:
+    """Split ``leaves`` (in order) into groups of at most n_seq sequences
+    whose union of nodes fits the cache. Returns (leaves, nodes in DFS
+    preorder) per group."""
+    groups: list[tuple[list[int], list[int]]] = []
+    group: list[int] = []
+    seen: set[int] = set()
+    for leaf in leaves:
         path = trie.path(leaf)
         if len(path) > n_ctx:
             raise LlamaSteerError(f"a prompt of {len(path)} tokens does not fit the context of {n_ctx}")
-        new = [n for n in path if n not in seen]
-        if leaves and (len(leaves) >= n_seq or len(order) + len(new) > n_ctx):
-            groups.append((leaves, order))
-            leaves, seen, order = [], set(), []
-            new = path
-        leaves.append(leaf)
-        seen.update(new)
-        order.extend(new)
-    if leaves:
-        groups.append((leaves, order))
+        new = sum(1 for n in path if n not in seen)
+        if group and (len(group) >= n_seq or len(seen) + new > n_ctx):
+            groups.append((group, _preorder(trie, group)))
+            group, seen = [], set()
+        group.append(leaf)
+        seen.update(path)
+    if group:
+        groups.append((group, _preorder(trie, group)))
     return groups
+
+
+def _preorder(trie: _Trie, leaves: Sequence[int]) -> list[int]:
+    """The nodes on the paths to ``leaves``, in DFS preorder of the trie
+    (parents before children, each subtree contiguous)."""
+    members = {n for leaf in leaves for n in trie.path(leaf)}
+    out: list[int] = []
+    stack = [0]
+    while stack:
+        node = stack.pop()
+        if node:
+            out.append(node)
+        stack.extend(reversed([c for c in trie.children[node].values() if c in members]))
+    return out
 
 
 class _NoBar:
@@ -457,82 +523,6 @@ def _progress_bar(total: int, progress: Progress) -> Any:
     return tqdm(total=total, unit="tok", desc="llama-steer: decoding", leave=False)
 
 
-# -- methods --------------------------------------------------------------------
-def _unit(v: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
-    n = float(np.linalg.norm(v))
-    if not math.isfinite(n) or n == 0.0:
-        raise LlamaSteerError("the extracted direction is zero or not finite")
-    return (v / n).astype(np.float32)
-
-
-def _first_pc(x: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
-    """First principal component of the rows of x (centred) and its
-    explained-variance ratio."""
-    xc = x - x.mean(axis=0, keepdims=True)
-    if xc.shape[0] < xc.shape[1]:
-        # Fewer samples than dimensions: the top eigenvector of the small
-        # Gram matrix X X^T maps to the top principal axis (X^T u), at a
-        # fraction of a full SVD's cost.
-        evals, evecs = np.linalg.eigh(xc @ xc.T)
-        top = xc.T @ evecs[:, -1]
-        lead, total = float(evals[-1]), float(np.clip(evals, 0, None).sum())
-    else:
-        evals, evecs = np.linalg.eigh(xc.T @ xc)
-        top = evecs[:, -1]
-        lead, total = float(evals[-1]), float(np.clip(evals, 0, None).sum())
-    return top, (lead / total if total > 0 else 0.0)
-
-
-def _probe_direction(pos: npt.NDArray[np.float64], neg: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Logistic-regression weights (L2, plain gradient descent on
-    standardised features), mapped back to the residual basis."""
-    x = np.concatenate([pos, neg])
-    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
-    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
-    z = (x - mu) / sd
-    w = np.zeros(z.shape[1])
-    b = 0.0
-    lam, lr = 1e-2, 0.5
-    for _ in range(300):
-        p = 1.0 / (1.0 + np.exp(-(z @ w + b)))
-        g = p - y
-        w -= lr * (z.T @ g / len(y) + lam * w)
-        b -= lr * float(g.mean())
-    return np.asarray(w / sd, dtype=np.float64)
-
-
-def direction(
-    method: str, pos: npt.NDArray[np.float64], neg: npt.NDArray[np.float64]
-) -> tuple[npt.NDArray[np.float32], float]:
-    """One layer's direction from positive/negative activations [n_pairs, n_embd];
-    returns (direction, explained variance ratio or NaN)."""
-    diff = pos - neg
-    evr = math.nan
-    if method == "mean_diff":
-        d = diff.mean(axis=0)
-    elif method == "pca_diff":
-        d, evr = _first_pc(diff)
-    elif method == "pca_center":
-        center = (pos + neg) / 2.0
-        d, evr = _first_pc(np.concatenate([pos - center, neg - center]))
-    elif method == "probe":
-        d = _probe_direction(pos, neg)
-    else:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method != "mean_diff":
-        d = _unit(d)
-    # Deterministic sign: positive examples project higher than negatives.
-    if float(np.mean(pos @ d)) < float(np.mean(neg @ d)):
-        d = -d
-    return d.astype(np.float32), evr
-
-
-def _auc(pos_scores: npt.NDArray[np.float64], neg_scores: npt.NDArray[np.float64]) -> float:
-    """P(score of a positive > score of a negative), ties count half."""
-    diff = pos_scores[:, None] - neg_scores[None, :]
-    return float((np.sum(diff > 0) + 0.5 * np.sum(diff == 0)) / diff.size)
-
-
 def extract(
     model: Model,
     pairs: PairsLike,
@@ -563,8 +553,7 @@ def extract(
     ``progress``: a bar on a terminal (True), none (False), or a callable
     ``(tokens_decoded, tokens_total)`` called as the decode advances.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    check_method(method)
     plist = check_pairs(pairs)
     layer_list = sorted(
         {check_layer(x, model.n_layer) for x in (range(1, model.n_layer) if layers is None else layers)}
@@ -588,38 +577,23 @@ def extract(
             rp, rn = _read_positions(read, tp), _read_positions(read, tn)
         prompts += [tp, tn]
         reads += [rp, rn]
-    rows = _capture_rows(model.engine, prompts, reads, layer_list, batch_size, share_prefixes, progress)
-    acts = _average_reads(rows)  # float32 [2n, n_layers, n_embd]
-    del rows
-    if not np.all(np.isfinite(acts)):
-        bad = int(np.argwhere(~np.isfinite(acts))[0][0]) // 2
-        raise LlamaSteerError(f"pair {bad}: the captured activations contain NaN or inf")
-    pos_all, neg_all = acts[0::2], acts[1::2]
-    n = len(plist)
-    # A fixed pseudo-random fifth of the pairs is held out: a stride would
-    # pick the same persona every time in persona x prefix datasets.
-    held = np.zeros(n, dtype=bool)
-    if n >= 5:
-        held[np.random.default_rng(0).permutation(n)[: n // 5]] = True
-    dirs: dict[int, npt.NDArray[np.float32]] = {}
-    diag: dict[str, dict[int, float]] = {
-        "explained_variance": {},
-        "heldout_accuracy": {},
-        "heldout_auc": {},
-        "residual_norm": {},
-    }
-    for li, layer in enumerate(layer_list):
-        pos, neg = pos_all[:, li].astype(np.float64), neg_all[:, li].astype(np.float64)
-        d, evr = direction(method, pos, neg)
-        dirs[layer] = d
-        diag["explained_variance"][layer] = evr
-        diag["residual_norm"][layer] = float(np.linalg.norm(np.concatenate([pos, neg]), axis=1).mean())
-        if held.any():
-            d_train, _ = direction(method, pos[~held], neg[~held])
-            sp, sn = pos[held] @ d_train, neg[held] @ d_train
-            diag["heldout_accuracy"][layer] = float(np.mean(sp > sn))
-            diag["heldout_auc"][layer] = _auc(sp, sn)
+    # Pairs are fed to the solver as both sides arrive; a side waits for its
+    # partner at most about one group of sequences.
+    stats = PairStats(method, len(plist), len(layer_list), model.n_embd)
+    waiting: dict[int, npt.NDArray[np.float32]] = {}
+
+    def take(i: int, rows: npt.NDArray[np.float32]) -> None:
+        act = rows[0] if rows.shape[0] == 1 else rows.mean(axis=0)
+        other = waiting.pop(i ^ 1, None)
+        if other is None:
+            waiting[i] = act
+        else:
+            pos, neg = (act, other) if i % 2 == 0 else (other, act)
+            stats.add(i // 2, pos, neg)
+
+    _stream_rows(model.engine, prompts, reads, layer_list, take, batch_size, share_prefixes, progress)
+    dirs, diag = stats.solve(layer_list)
     diag_all: dict[str, Any] = dict(diag)
-    diag_all.update(method=method, n_pairs=n, read=read if isinstance(read, str) else "callable")
+    diag_all.update(method=method, n_pairs=len(plist), read=read if isinstance(read, str) else "callable")
     # The model's scale, so that Steer(..., unit="relative") works wherever the vector goes.
     return ControlVector(dirs, model_hint=model.arch, diagnostics=diag_all, residual_norms=model.residual_norms())
