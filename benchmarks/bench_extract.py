@@ -11,7 +11,16 @@ the same script only when it is installed (it needs torch, transformers and
 the HF weights); otherwise the reference figures measured on this machine
 for the issue are printed and labelled as such.
 
+With ``--scaling``: 100, 1,000 and 10,000 pairs synthesized from the bundled
+personas and sentences (every behaviour, every positive persona against
+every negative one, each sentence's progressive prefixes), each size in a
+fresh process, on SmolLM2 and Gemma 3 270M: wall time, distinct prefix
+tokens decoded, time per distinct token, and peak RSS next to the RSS before
+extracting (model loaded, pairs built), so growth with the number of pairs
+shows.
+
     python benchmarks/bench_extract.py [--pairs 178] [--threads 2] [--reps 3]
+    python benchmarks/bench_extract.py --scaling [--sizes 100,1000,10000]
 """
 
 from __future__ import annotations
@@ -44,6 +53,75 @@ print(json.dumps({"load_s": t_load, "extract_s": t_extract, "rss_mb": rss, "n_pa
 """
 
 
+SCALING_CHILD = r"""
+import json, resource, sys, time
+import llama_steer as ls
+from llama_steer.extraction import _Trie
+name, n_pairs, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+m = ls.Model(ls.default_model_path(name), n_ctx=4096, n_threads=threads)
+personas = ls.extraction._personas()
+pairs = []
+def wrap(persona, text):
+    instr = personas["template"].format(persona=persona)
+    return m.apply_chat_template([{"role": "user", "content": instr}], add_generation_prompt=True) + text
+done = False
+for shift in range(5):  # positive persona i against negative persona i + shift
+    for b in sorted(personas["behaviours"]):
+        pos, neg = personas["behaviours"][b]["positive"], personas["behaviours"][b]["negative"]
+        for sentence in personas["suffixes"]:
+            ids = m.tokenize(sentence, add_special=False)
+            for k in range(1, len(ids) + 1):
+                text = m.detokenize(ids[:k])
+                for i in range(len(pos)):
+                    pairs.append(ls.Pair(wrap(pos[i], text), wrap(neg[(i + shift) % len(neg)], text)))
+                    done = len(pairs) >= n_pairs
+                    if done: break
+                if done: break
+            if done: break
+        if done: break
+    if done: break
+if len(pairs) < n_pairs:
+    raise SystemExit(f"only {len(pairs)} pairs can be synthesized")
+trie = _Trie()
+for p in pairs:
+    for t in (p.positive, p.negative):
+        trie.insert(m.engine.prompt_tokens(t))
+del trie
+m.residual_norms()  # a one-time per-model measurement, not part of what scales
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t0 = time.perf_counter()
+v = ls.extract(m, pairs, method="pca_diff", progress=False)
+wall = time.perf_counter() - t0
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+trie = _Trie()
+for p in pairs:
+    for t in (p.positive, p.negative):
+        trie.insert(m.engine.prompt_tokens(t))
+print(json.dumps({"wall_s": wall, "rss_mb": rss, "rss_before_mb": rss0, "nodes": len(trie.token) - 1,
+                  "n_embd": m.n_embd, "n_layer": m.n_layer}))
+"""
+
+
+def scaling(sizes: list[int], threads: int) -> None:
+    print(f"pca_diff over all layers, {threads} threads, each size in a fresh process")
+    print("| model | pairs | prefix tokens | wall s | pairs/s | ms per token | RSS before MB | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("smollm2-135m", "gemma3-270m"):
+        for n in sizes:
+            out = subprocess.run(
+                [sys.executable, "-c", SCALING_CHILD, name, str(n), str(threads)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(
+                f"| {name} | {n} | {r['nodes']} | {r['wall_s']:.1f} | {n / r['wall_s']:.1f} | "
+                f"{1000 * r['wall_s'] / r['nodes']:.2f} | {r['rss_before_mb']:.0f} | {r['rss_mb']:.0f} |",
+                flush=True,
+            )
+
+
 def run_child(n_pairs: int, threads: int, n_personas: int, share: bool = True) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(n_pairs), str(threads), "1" if share else "0", str(n_personas)],
@@ -61,7 +139,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-sharing-run", action="store_true", help="skip the run without prefix sharing")
+    ap.add_argument("--scaling", action="store_true", help="the 100 / 1,000 / 10,000-pair table instead")
+    ap.add_argument("--sizes", default="100,1000,10000")
     args = ap.parse_args()
+    if args.scaling:
+        scaling([int(x) for x in args.sizes.split(",")], args.threads)
+        return
 
     from llama_steer.extraction import _Trie
 
