@@ -185,11 +185,12 @@ class _Group:
 
     def _fold(self) -> None:
         """Rows into the second moments, a block at a time (one BLAS call per layer)."""
-        if self.s2 is None or not self.rows:
+        if self.s2 is None:
             return
-        d = np.stack([p.astype(np.float64) - q for _, p, q in self.rows])  # [k, n_layers, n_embd]
-        for li in range(d.shape[1]):
-            self.s2[li] += d[:, li].T @ d[:, li]
+        for start in range(0, len(self.rows), 64):  # blocks: a bounded float64 temporary
+            d = np.stack([p.astype(np.float64) - q for _, p, q in self.rows[start : start + 64]])
+            for li in range(d.shape[1]):  # d: [k, n_layers, n_embd]
+                self.s2[li] += d[:, li].T @ d[:, li]
         self.rows.clear()
 
     def sorted_rows(self, layer: int) -> tuple[F64, F64]:
