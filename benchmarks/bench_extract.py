@@ -12,8 +12,8 @@ the HF weights); otherwise the reference figures measured on this machine
 for the issue are printed and labelled as such.
 
 With ``--scaling``: 100, 1,000 and 10,000 pairs synthesized from the bundled
-personas and sentences (every behaviour, every positive persona against
-every negative one, each sentence's progressive prefixes), each size in a
+personas and sentences (every behaviour, each sentence's progressive
+prefixes, every positive persona against every negative one), each size in a
 fresh process, on SmolLM2 and Gemma 3 270M: wall time, distinct prefix
 tokens decoded, time per distinct token, and peak RSS next to the RSS before
 extracting (model loaded, pairs built), so growth with the number of pairs
@@ -64,22 +64,22 @@ pairs = []
 def wrap(persona, text):
     instr = personas["template"].format(persona=persona)
     return m.apply_chat_template([{"role": "user", "content": instr}], add_generation_prompt=True) + text
-done = False
-for shift in range(5):  # positive persona i against negative persona i + shift
+def synthesize():
+    # every positive persona against every negative one, for each prefix of each
+    # sentence (repeats of a prompt stay close together, as persona_pairs orders them)
     for b in sorted(personas["behaviours"]):
         pos, neg = personas["behaviours"][b]["positive"], personas["behaviours"][b]["negative"]
         for sentence in personas["suffixes"]:
             ids = m.tokenize(sentence, add_special=False)
             for k in range(1, len(ids) + 1):
                 text = m.detokenize(ids[:k])
-                for i in range(len(pos)):
-                    pairs.append(ls.Pair(wrap(pos[i], text), wrap(neg[(i + shift) % len(neg)], text)))
-                    done = len(pairs) >= n_pairs
-                    if done: break
-                if done: break
-            if done: break
-        if done: break
-    if done: break
+                for p in pos:
+                    for q in neg:
+                        yield ls.Pair(wrap(p, text), wrap(q, text))
+for pair in synthesize():
+    pairs.append(pair)
+    if len(pairs) >= n_pairs:
+        break
 if len(pairs) < n_pairs:
     raise SystemExit(f"only {len(pairs)} pairs can be synthesized")
 trie = _Trie()
