@@ -86,6 +86,7 @@ trie = _Trie()
 for p in pairs:
     for t in (p.positive, p.negative):
         trie.insert(m.engine.prompt_tokens(t))
+n_nodes = len(trie.token) - 1
 del trie
 m.residual_norms()  # a one-time per-model measurement, not part of what scales
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -93,11 +94,7 @@ t0 = time.perf_counter()
 v = ls.extract(m, pairs, method="pca_diff", progress=False)
 wall = time.perf_counter() - t0
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-trie = _Trie()
-for p in pairs:
-    for t in (p.positive, p.negative):
-        trie.insert(m.engine.prompt_tokens(t))
-print(json.dumps({"wall_s": wall, "rss_mb": rss, "rss_before_mb": rss0, "nodes": len(trie.token) - 1,
+print(json.dumps({"wall_s": wall, "rss_mb": rss, "rss_before_mb": rss0, "nodes": n_nodes,
                   "n_embd": m.n_embd, "n_layer": m.n_layer}))
 """
 

@@ -147,7 +147,7 @@ std::vector<float> Context::decode_capture(const BatchTokens& b, int32_t max_out
     // Without logits llama.cpp keeps no per-output buffer of n_vocab floats,
     // so the chunks need not be bounded by their outputs.
     Use use(*this);
-    set_capture_only(true);
+    check_steer(llama_steer_capture_only(get(), true), "capture");
     struct Off {
         Context* self;
         ~Off() {
@@ -157,8 +157,6 @@ std::vector<float> Context::decode_capture(const BatchTokens& b, int32_t max_out
     decode_chunks(b, &out, params_.n_batch);
     return out;
 }
-
-void Context::set_capture_only(bool enable) { check_steer(llama_steer_capture_only(get(), enable), "capture"); }
 
 void Context::set_capture_layers(const std::vector<int32_t>& layers) {
     Use use(*this);

@@ -107,7 +107,6 @@ private:
     void check_seq(llama_seq_id seq) const;
     void run(int32_t n);
     void decode_chunks(const BatchTokens& batch, std::vector<float>* captured, int32_t max_outputs);
-    void set_capture_only(bool enable);
 
     std::atomic<std::thread::id> owner_{};
     int32_t depth_ = 0;  // nested Uses of the owning thread

@@ -24,6 +24,7 @@ from .errors import LlamaSteerError
 
 METHODS: tuple[str, ...] = ("mean_diff", "pca_diff", "pca_center", "probe")
 MAX_HELD = 256  # held-out pairs kept for the diagnostics (a fifth of the pairs, at most this)
+_FOLD_BLOCK = 64  # rows folded into the moments at a time: a bounded float64 temporary
 
 F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]
@@ -141,8 +142,8 @@ def held_out_mask(n: int) -> npt.NDArray[np.bool_]:
 
 
 class _Group:
-    """One set of pairs (the training pairs, or all of them): exact rows
-    until ``limit`` pairs, moments (or, for probe, a reservoir sample) after."""
+    """The training pairs: exact rows until ``limit`` pairs, moments (or,
+    for probe, a reservoir sample) after."""
 
     def __init__(self, method: str, n_layers: int, n_embd: int, limit: int, seed: int) -> None:
         self.method, self.limit = method, limit
@@ -153,11 +154,6 @@ class _Group:
         self.s2: F64 | None = None
         self.rng = np.random.default_rng(seed)
         self.n_embd = n_embd
-
-    @property
-    def exact(self) -> bool:
-        """Every pair's rows are at hand."""
-        return not self.folded
 
     def add(self, index: int, pos: F32, neg: F32) -> None:
         self.n += 1
@@ -180,15 +176,15 @@ class _Group:
                 n_layers = self.s1.shape[0]
                 self.s2 = np.zeros((n_layers, self.n_embd, self.n_embd))
                 self._fold()
-        elif self.s2 is not None and len(self.rows) >= 64:
+        elif self.s2 is not None and len(self.rows) >= _FOLD_BLOCK:
             self._fold()
 
     def _fold(self) -> None:
         """Rows into the second moments, a block at a time (one BLAS call per layer)."""
         if self.s2 is None:
             return
-        for start in range(0, len(self.rows), 64):  # blocks: a bounded float64 temporary
-            d = np.stack([p.astype(np.float64) - q for _, p, q in self.rows[start : start + 64]])
+        for start in range(0, len(self.rows), _FOLD_BLOCK):
+            d = np.stack([p.astype(np.float64) - q for _, p, q in self.rows[start : start + _FOLD_BLOCK]])
             for li in range(d.shape[1]):  # d: [k, n_layers, n_embd]
                 self.s2[li] += d[:, li].T @ d[:, li]
         self.rows.clear()
@@ -273,7 +269,7 @@ class PairStats:
             held = self._held(li)
             if held is None:
                 d, evr = self.train.solve(li)
-            elif self.train.exact:
+            elif not self.train.folded:
                 # all rows at hand: in pair order, exactly as a one-shot fit
                 pos, neg = self.train.sorted_rows(li)
                 order = np.argsort(np.concatenate([np.flatnonzero(~self.held), np.flatnonzero(self.held)]))

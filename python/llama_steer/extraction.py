@@ -305,9 +305,15 @@ def _capture_layers(model: Model, layers: Iterable[int]) -> list[int]:
     return out
 
 
+def _mean_read(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """One prompt's read rows [n_positions, n_layers, n_embd] -> their mean [n_layers, n_embd]."""
+    mean: npt.NDArray[np.float32] = rows[0] if rows.shape[0] == 1 else rows.mean(axis=0)
+    return mean
+
+
 def _average_reads(rows: Sequence[npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
     """Per prompt, the mean of its read rows: float32 [n_prompts, n_layers, n_embd]."""
-    return np.stack([r[0] if r.shape[0] == 1 else r.mean(axis=0) for r in rows]).astype(np.float32, copy=False)
+    return np.stack([_mean_read(r) for r in rows]).astype(np.float32, copy=False)
 
 
 def _read_positions(read: Read, tokens: Sequence[int]) -> list[int]:
@@ -342,7 +348,9 @@ def _capture_rows(
         out[i] = rows
 
     _stream_rows(eng, token_lists, positions, layers, keep, batch_size, share_prefixes, progress, steers, n_prompt)
-    return [r for r in out if r is not None]
+    rows = [r for r in out if r is not None]
+    assert len(rows) == len(out), "every prompt's rows are decoded"
+    return rows
 
 
 def _stream_rows(
@@ -465,19 +473,19 @@ def _group_leaves(trie: _Trie, leaves: Sequence[int], n_seq: int, n_ctx: int) ->
             raise LlamaSteerError(f"a prompt of {len(path)} tokens does not fit the context of {n_ctx}")
         new = sum(1 for n in path if n not in seen)
         if group and (len(group) >= n_seq or len(seen) + new > n_ctx):
-            groups.append((group, _preorder(trie, group)))
+            groups.append((group, _preorder(trie, seen)))
             group, seen = [], set()
         group.append(leaf)
         seen.update(path)
     if group:
-        groups.append((group, _preorder(trie, group)))
+        groups.append((group, _preorder(trie, seen)))
     return groups
 
 
-def _preorder(trie: _Trie, leaves: Sequence[int]) -> list[int]:
-    """The nodes on the paths to ``leaves``, in DFS preorder of the trie
-    (parents before children, each subtree contiguous)."""
-    members = {n for leaf in leaves for n in trie.path(leaf)}
+def _preorder(trie: _Trie, members: set[int]) -> list[int]:
+    """``members`` (a set closed under parents: the nodes on some leaves'
+    paths) in DFS preorder of the trie (parents before children, each
+    subtree contiguous)."""
     out: list[int] = []
     stack = [0]
     while stack:
@@ -583,7 +591,7 @@ def extract(
     waiting: dict[int, npt.NDArray[np.float32]] = {}
 
     def take(i: int, rows: npt.NDArray[np.float32]) -> None:
-        act = rows[0] if rows.shape[0] == 1 else rows.mean(axis=0)
+        act = _mean_read(rows)
         other = waiting.pop(i ^ 1, None)
         if other is None:
             waiting[i] = act
