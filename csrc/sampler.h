@@ -31,7 +31,18 @@ public:
 
 private:
     llama_sampler_ptr chain_;
+    bool greedy_ = false;  // plain argmax: sample() bypasses the chain
 };
+
+// What a log softmax over a vocabulary needs: the max logit, the first index
+// holding it, and log(sum(exp(logit - max))).
+struct LogitStats {
+    float max;
+    double log_sum;
+    llama_token argmax;
+};
+
+LogitStats logit_stats(const float* logits, int32_t n_vocab);
 
 // log softmax of logits[token] over n_vocab entries.
 float token_logprob(const float* logits, int32_t n_vocab, llama_token token);

@@ -62,14 +62,19 @@ def test_greedy_is_deterministic(any_model: ls.Model) -> None:
     assert a == b and len(a) > 0
 
 
-def test_greedy_follows_logits_argmax(model: ls.Model) -> None:
-    prompt = "Once upon a time"
-    logits = model.logits(prompt)
-    assert logits.dtype == np.float32 and logits.shape == (model.n_vocab,)
-    first = next(iter(model.generate(prompt, max_tokens=1, temperature=0)))
+@pytest.mark.parametrize("prompt", ["Once upon a time", "The capital of France is", "1, 2, 3,"])
+def test_greedy_follows_logits_argmax(any_model: ls.Model, prompt: str) -> None:
+    # greedy sampling takes its own argmax + log-sum pass (not llama.cpp's
+    # chain): the first index of the max, and the exact log softmax
+    logits = any_model.logits(prompt)
+    assert logits.dtype == np.float32 and logits.shape == (any_model.n_vocab,)
+    first = next(iter(any_model.generate(prompt, max_tokens=1, temperature=0)))
     assert first.id == int(np.argmax(logits))
     lse = np.log(np.sum(np.exp(logits.astype(np.float64) - logits.max()))) + logits.max()
     assert first.logprob == pytest.approx(float(logits[first.id] - lse), abs=1e-4)
+    # the same token through llama.cpp's sampler chain (a penalty forces the chain)
+    chained = next(iter(any_model.generate(prompt, max_tokens=1, temperature=0, repeat_penalty=1.0001)))
+    assert chained.id == first.id and chained.logprob == pytest.approx(first.logprob, abs=1e-6)
 
 
 def test_seeded_sampling_reproducible(model: ls.Model) -> None:
