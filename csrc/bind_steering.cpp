@@ -20,10 +20,17 @@ void register_steering(py::module_& m) {
         .def_readonly("n_graph_build", &llama_steer_stats::n_graph_build)
         .def_readonly("n_graph_reuse", &llama_steer_stats::n_graph_reuse)
         .def_readonly("topology_version", &llama_steer_stats::topology_version)
+        .def_readonly("n_graph_nodes", &llama_steer_stats::n_graph_nodes,
+                      "Nodes of the last graph built (after capture-only pruning).")
+        .def_readonly("n_graph_ops", &llama_steer_stats::n_graph_ops,
+                      "Nodes of the last graph that compute (views and reshapes do not); on the CPU "
+                      "each ends with a thread barrier.")
         .def("__repr__", [](const llama_steer_stats& s) {
             return "SteerStats(n_reserve=" + std::to_string(s.n_reserve) + ", n_graph_build=" +
                    std::to_string(s.n_graph_build) + ", n_graph_reuse=" + std::to_string(s.n_graph_reuse) +
-                   ", topology_version=" + std::to_string(s.topology_version) + ")";
+                   ", topology_version=" + std::to_string(s.topology_version) +
+                   ", n_graph_nodes=" + std::to_string(s.n_graph_nodes) +
+                   ", n_graph_ops=" + std::to_string(s.n_graph_ops) + ")";
         });
 
     auto ctx = py::reinterpret_borrow<py::class_<Context>>(m.attr("Context"));

@@ -222,6 +222,16 @@ class SteerStats:
     def n_graph_build(self) -> int:
         ...
     @property
+    def n_graph_nodes(self) -> int:
+        """
+        Nodes of the last graph built (after capture-only pruning).
+        """
+    @property
+    def n_graph_ops(self) -> int:
+        """
+        Nodes of the last graph that compute (views and reshapes do not); on the CPU each ends with a thread barrier.
+        """
+    @property
     def n_graph_reuse(self) -> int:
         ...
     @property
