@@ -49,25 +49,65 @@ def test_steering_changes_logits(any_model: ls.Model) -> None:
     assert np.array_equal(base, any_model.logits(PROMPT))
 
 
-def test_matches_upstream_control_vector(any_model: ls.Model) -> None:
-    """One slot on every token == llama_set_adapter_cvec with the same data."""
+LONG_PROMPT = "The weather today is " + "mild, with a light wind from the west and some clouds, " * 6
+
+
+def _ops(model: ls.Model, tokens: list[int], steer: ls.Steer | None = None) -> int:
+    """Computing nodes of the graph that decodes ``tokens`` in one ubatch."""
+    ctx = model._c
+    model.engine.end()
+    ctx.clear()
+    n = len(tokens)
+    session = apply_steering(ctx, model.n_layer, model.n_embd, {0: [steer]} if steer else {}, {0: n})
+    try:
+        ctx.decode(_core.BatchTokens(tokens, list(range(n)), [0] * n, [0] * (n - 1) + [1]))
+        return int(ctx.steer_stats().n_graph_ops)
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, LONG_PROMPT], ids=["host-summed", "matmul"])
+def test_matches_upstream_control_vector(any_model: ls.Model, prompt: str) -> None:
+    """One slot on every token == llama_set_adapter_cvec with the same data, bit for bit.
+
+    A short ubatch (a decode step, a short prompt) adds vectors summed on the
+    host, one node a layer; a long one multiplies the slots by the tokens'
+    strengths in the graph. With one slot both give round(strength * v), as
+    upstream's precomputed vector does."""
     m = any_model
     layers = range(2, m.n_layer - 1)
     v = random_vector(m, layers, seed=3)
-    base = m.logits(PROMPT)
-    ours = m.logits(PROMPT, steer=ls.Steer(v, strength=1.5))
+    steer = ls.Steer(v, strength=1.5)
+    ids = m.tokenize(prompt)
+    host_summed = len(ids) * m.n_embd <= 16384
+    assert host_summed == (prompt == PROMPT)
+    assert _ops(m, ids, steer) - _ops(m, ids) == len(layers) * (1 if host_summed else 2)
+
+    base = m.logits(prompt)
+    ours = m.logits(prompt, steer=steer)
     data = np.zeros((m.n_layer - 1, m.n_embd), dtype=np.float32)  # row il-1 = layer il, as upstream
     for layer, d in v.items():
         data[layer - 1] = 1.5 * d
     ctx = m._c
     ctx.set_upstream_cvec(data.reshape(-1).tolist(), layers.start, layers.stop - 1)
     try:
-        upstream = m.logits(PROMPT)
+        upstream = m.logits(prompt)
     finally:
         ctx.set_upstream_cvec([], -1, -1)
-    np.testing.assert_allclose(ours, upstream, rtol=1e-5, atol=1e-5 * float(np.abs(upstream).max()))
+    assert np.array_equal(ours, upstream)
     assert not np.allclose(base, upstream, atol=1e-2)
-    assert np.array_equal(m.logits(PROMPT), base)  # both vectors are gone after their calls
+    assert np.array_equal(m.logits(prompt), base)  # both vectors are gone after their calls
+
+
+def test_two_slots_host_summed_equal_matmul_sum(model: ls.Model) -> None:
+    """Two vectors on one token: the host's sum and the graph's matmul both
+    round each product and then their sum, so a decode step steered by two
+    slots is bit-identical to one by their precomputed sum."""
+    layers = range(1, model.n_layer)
+    a, b = random_vector(model, layers, seed=5), random_vector(model, layers, seed=6)
+    both = model.logits(PROMPT, steer=[ls.Steer(a, 0.75), ls.Steer(b, -1.25)])
+    summed = ls.ControlVector({k: np.float32(0.75) * a[k] + np.float32(-1.25) * b[k] for k in layers})
+    assert np.array_equal(both, model.logits(PROMPT, steer=ls.Steer(summed)))
 
 
 def test_strength_scales_like_the_vector(any_model: ls.Model) -> None:
