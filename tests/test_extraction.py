@@ -12,7 +12,7 @@ import pytest
 from lexicon import mood
 from llama_steer import _core
 from llama_steer.directions import direction
-from llama_steer.extraction import capture_positions
+from llama_steer.extraction import _stream_rows, capture_positions
 
 
 def _final_norm(model: ls.Model, x: np.ndarray) -> np.ndarray:
@@ -317,3 +317,25 @@ def test_extract_equals_prompt_by_prompt_reference_on_f32(f32_model: ls.Model, m
         want, _ = direction(method, last[0::2, i], last[1::2, i])
         cos = float(got[layer] @ want / np.linalg.norm(got[layer]) / np.linalg.norm(want))
         assert cos > 0.999, (layer, cos)
+
+
+def test_pair_sides_arrive_together(model: ls.Model) -> None:
+    """Rows reach the solver in the order prompts need them: a side waits for
+    its partner only briefly, however many pairs there are (memory stays flat;
+    decoded persona subtree by persona subtree, 50 sides waited here, a
+    number that grew with the pairs)."""
+    pairs = ls.persona_pairs(model, "happy", max_pairs=600)
+    tokens = [model.engine.prompt_tokens(t) for p in pairs for t in (p.positive, p.negative)]
+    waiting: set[int] = set()
+    seen: list[int] = []
+    most = 0
+
+    def sink(i: int, rows: np.ndarray) -> None:
+        nonlocal most
+        seen.append(i)
+        waiting.symmetric_difference_update({i} if i ^ 1 not in waiting else {i ^ 1})
+        most = max(most, len(waiting))
+
+    _stream_rows(model.engine, tokens, [[len(t) - 1] for t in tokens], [5], sink, None, True, False)
+    assert sorted(seen) == list(range(len(tokens)))
+    assert most <= 4

@@ -392,7 +392,7 @@ def _stream_rows(
     refs = {n: len(ps) for n, ps in readers.items()}  # node -> prompts that have not had its row
     missing = [len(set(r)) for r in reads]
 
-    groups = _group_leaves(trie, _leaves_in_prompt_order(trie, reads), n_seq, eng.n_ctx)
+    groups = _group_leaves(trie, _leaves_in_prompt_order(trie, reads), n_seq, eng.n_ctx, _first_reader(trie, reads))
     rows: dict[int, npt.NDArray[np.float32]] = {}
     # Every sequence gets the same steering (so a token shared by several
     # sequences is steered the same way), bound once for all groups.
@@ -410,7 +410,7 @@ def _stream_rows(
                     for n in trie.path(leaf):
                         seqs[n].append(seq_of_leaf[leaf])
                 ctx.clear()
-                # chunks of n_batch tokens in DFS preorder (each sequence sees
+                # chunks of n_batch tokens in decode order (each sequence sees
                 # consecutive positions; the cache keeps earlier chunks), rows
                 # handed on after each chunk
                 for start in range(0, len(nodes), n_batch):
@@ -424,18 +424,21 @@ def _stream_rows(
                     captured = ctx.decode_capture(batch.build(), logits=False)
                     ready = []
                     for n, row in zip(out_nodes, captured):
-                        rows[n] = row.copy()  # not a view: the chunk's array is freed
+                        rows[n] = row  # a view of the chunk, copied below if it outlives the chunk
                         for i in readers.pop(n):
                             missing[i] -= 1
                             if missing[i] == 0:
                                 ready.append(i)
-                    del captured
                     for i in sorted(ready):
                         sink(i, np.stack([rows[n] for n in reads[i]]))
                         for n in dict.fromkeys(reads[i]):
                             refs[n] -= 1
                             if refs[n] == 0:
                                 del rows[n]
+                    for n in out_nodes:  # rows whose readers wait for later chunks
+                        if n in rows:
+                            rows[n] = rows[n].copy()
+                    del captured
                     bar.update(min(n_batch, len(nodes) - start))
         finally:
             bar.close()
@@ -460,10 +463,12 @@ def _leaves_in_prompt_order(trie: _Trie, reads: Sequence[Sequence[int]]) -> list
     return out
 
 
-def _group_leaves(trie: _Trie, leaves: Sequence[int], n_seq: int, n_ctx: int) -> list[tuple[list[int], list[int]]]:
+def _group_leaves(
+    trie: _Trie, leaves: Sequence[int], n_seq: int, n_ctx: int, first_reader: dict[int, int]
+) -> list[tuple[list[int], list[int]]]:
     """Split ``leaves`` (in order) into groups of at most n_seq sequences
-    whose union of nodes fits the cache. Returns (leaves, nodes in DFS
-    preorder) per group."""
+    whose union of nodes fits the cache. Returns (leaves, nodes in decode
+    order) per group."""
     groups: list[tuple[list[int], list[int]]] = []
     group: list[int] = []
     seen: set[int] = set()
@@ -473,27 +478,36 @@ def _group_leaves(trie: _Trie, leaves: Sequence[int], n_seq: int, n_ctx: int) ->
             raise LlamaSteerError(f"a prompt of {len(path)} tokens does not fit the context of {n_ctx}")
         new = sum(1 for n in path if n not in seen)
         if group and (len(group) >= n_seq or len(seen) + new > n_ctx):
-            groups.append((group, _preorder(trie, seen)))
+            groups.append((group, _decode_order(trie, seen, first_reader)))
             group, seen = [], set()
         group.append(leaf)
         seen.update(path)
     if group:
-        groups.append((group, _preorder(trie, seen)))
+        groups.append((group, _decode_order(trie, seen, first_reader)))
     return groups
 
 
-def _preorder(trie: _Trie, members: set[int]) -> list[int]:
-    """``members`` (a set closed under parents: the nodes on some leaves'
-    paths) in DFS preorder of the trie (parents before children, each
-    subtree contiguous)."""
-    out: list[int] = []
-    stack = [0]
-    while stack:
-        node = stack.pop()
-        if node:
-            out.append(node)
-        stack.extend(reversed([c for c in trie.children[node].values() if c in members]))
-    return out
+def _first_reader(trie: _Trie, reads: Sequence[Sequence[int]]) -> dict[int, int]:
+    """Per node, the first prompt (in prompt order) that reads it or a node
+    below it; nodes no prompt needs are absent."""
+    first: dict[int, int] = {}
+    for i, r in enumerate(reads):
+        for n in r:
+            while n > 0 and n not in first:  # a node already seen has an earlier reader, as do its parents
+                first[n] = i
+                n = trie.parent[n]
+    return first
+
+
+def _decode_order(trie: _Trie, members: set[int], first_reader: dict[int, int]) -> list[int]:
+    """``members`` (closed under parents) in the order prompts need them: by
+    first reader, then depth. A parent's first reader is never later than
+    its child's, so parents come first and every sequence meets its positions
+    in order. Both sides of a pair come out together: decoded subtree by
+    subtree instead, a group's prompts of one persona would all wait for the
+    other persona's, rows piling up with the size of the group."""
+    unread = max(first_reader.values(), default=0) + 1  # nodes no prompt needs go last
+    return sorted(members, key=lambda n: (first_reader.get(n, unread), trie.depth[n]))
 
 
 class _NoBar:
