@@ -26,13 +26,16 @@ shows.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import subprocess
 import sys
 import time
 
 import llama_steer as ls
+from llama_steer.directions import PairStats
 
 REPENG_PAIRS_S, REPENG_RSS_MB = 12.1, 2400  # repeng 0.4.0, fp32, torch 2.13 CPU (issue's measurement here)
 CVECTOR_PAIRS_S, CVECTOR_RSS_MB = 4.9, 760  # llama.cpp cvector-generator (issue's measurement here)
@@ -119,6 +122,25 @@ def scaling(sizes: list[int], threads: int) -> None:
             )
 
 
+def time_split(m: ls.Model, pairs: list[ls.Pair]) -> dict[str, float]:
+    """Where a warm extract's time goes (one run under cProfile, so a little
+    slower than unprofiled): the capture-only decodes (native, the GIL
+    released), the solver (PairStats: moments, held-out fits), and the rest
+    (tokenizing, the prefix tree, batches, row copies and hand-over)."""
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(ls.extract, m, pairs, method="pca_diff", progress=False)
+    total = time.perf_counter() - t0
+    entry = {(fn.__code__.co_filename, fn.__code__.co_firstlineno): "solver" for fn in (PairStats.add, PairStats.solve)}
+    cum: dict[str, float] = {"decode": 0.0, "solver": 0.0}
+    for (file, line, func), row in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+        if "decode_capture" in func:
+            cum["decode"] += row[3]  # cumulative time
+        elif (file, line) in entry:
+            cum["solver"] += row[3]
+    return {"total": total, **cum, "rest": total - cum["decode"] - cum["solver"]}
+
+
 def run_child(n_pairs: int, threads: int, n_personas: int, share: bool = True) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(n_pairs), str(threads), "1" if share else "0", str(n_personas)],
@@ -160,6 +182,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ls.extract(m, pairs, method="pca_diff", progress=False)
                 times.append(time.perf_counter() - t0)
+            split = time_split(m, pairs)
         warm = len(pairs) / statistics.median(times)
         fresh = run_child(args.pairs, args.threads, n_personas)
         fresh_rate = fresh["n_pairs"] / fresh["extract_s"]
@@ -170,6 +193,10 @@ def main() -> None:
             f"{args.threads} threads"
         )
         print(f"  warm process (median of {args.reps}):   {warm:7.1f} pairs/s")
+        print(
+            "  warm split (one profiled run, {total:.2f} s): capture-only decode {decode:.2f} s, "
+            "solver {solver:.2f} s, rest (tokenize, prefix tree, batches, row copies) {rest:.2f} s".format(**split)
+        )
         print(
             f"  fresh process (first call): {fresh_rate:7.1f} pairs/s, peak RSS {fresh['rss_mb']:.0f} MB "
             f"(model load {fresh['load_s']:.2f} s)"
