@@ -33,6 +33,18 @@ def test_residual_norms_measure_the_models_scale(any_model: ls.Model) -> None:
     assert np.all((ratio > 0.1) & (ratio < 10))
 
 
+def test_residual_norms_after_a_suspended_call(model_path: Path) -> None:
+    """The norms decode into a cleared cache, whatever the last call left
+    there (a generator paused mid-reply holds its sequence's tokens), and
+    equal a fresh model's."""
+    with ls.Model(model_path, n_ctx=1024, n_threads=2) as fresh:
+        expected = fresh.residual_norms()
+    with ls.Model(model_path, n_ctx=1024, n_threads=2) as m:
+        reply = m.generate("Hello there, how are", max_tokens=5, temperature=0)
+        next(reply)
+        assert m.residual_norms() == expected
+
+
 def test_extract_records_norms_and_they_survive_save_and_arithmetic(
     model: ls.Model, happy: ls.ControlVector, tmp_path: Path
 ) -> None:

@@ -173,6 +173,7 @@ class Engine:
                 n = len(tokens)
                 with self.call():  # clears the cache after: capture-only leaves no logits
                     ctx = self.ctx
+                    ctx.clear()  # the last call may have left sequences behind
                     ctx.set_capture_layers(layers)
                     try:
                         # capture-only: every token's rows, no LM head (a fresh extract pays this)
