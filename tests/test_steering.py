@@ -248,6 +248,34 @@ def test_strength_changes_cause_no_reserve(model: ls.Model) -> None:
     assert after.n_graph_reuse - before.n_graph_reuse >= 99
 
 
+def test_steering_on_and_off_cause_no_reserve(model: ls.Model) -> None:
+    """Calls that start or end steering, or capture other layers, rebuild the
+    graph and plan its memory afresh, but do not reserve the scheduler again
+    (~3 ms a call): the steering node bound holds whether steering is in use
+    or not. Logits and captured rows are a fresh model's, bit for bit (a graph
+    placed by the previous graph's plan, same node count and sizes but other
+    outputs, captured garbage)."""
+    v = random_vector(model, all_layers(model))
+    model.logits(PROMPT, steer=ls.Steer(v, 1.0))  # the first steered graph may raise the bound once
+    before = model._c.steer_stats()
+    outs = []
+    for k in range(3):
+        plain = model.logits(PROMPT)
+        steered = model.logits(PROMPT, steer=ls.Steer(v, 1.0 + k))
+        model.capture([PROMPT], [2, 12, 24])
+        outs.append((plain, steered, model.capture([PROMPT], [3, 17])))
+    after = model._c.steer_stats()
+    assert after.n_reserve == before.n_reserve
+    assert after.n_graph_build - before.n_graph_build >= 12
+    with ls.Model(model.path, n_ctx=2048, n_threads=2) as fresh:
+        rows = fresh.capture([PROMPT], [3, 17])
+        base = fresh.logits(PROMPT)
+        for k, (plain, steered, captured) in enumerate(outs):
+            assert np.array_equal(plain, base)
+            assert np.array_equal(steered, fresh.logits(PROMPT, steer=ls.Steer(v, 1.0 + k)))
+            assert np.array_equal(captured, rows)
+
+
 def test_schedule_is_evaluated_per_token(model: ls.Model) -> None:
     v = random_vector(model, all_layers(model), norm=8.0)
     plain = [t.id for t in model.generate(PROMPT, max_tokens=10, temperature=0)]
