@@ -131,12 +131,12 @@ def time_split(m: ls.Model, pairs: list[ls.Pair]) -> dict[str, float]:
     t0 = time.perf_counter()
     prof.runcall(ls.extract, m, pairs, method="pca_diff", progress=False)
     total = time.perf_counter() - t0
-    entry = {(fn.__code__.co_filename, fn.__code__.co_firstlineno): "solver" for fn in (PairStats.add, PairStats.solve)}
+    solver = {(fn.__code__.co_filename, fn.__code__.co_firstlineno) for fn in (PairStats.add, PairStats.solve)}
     cum: dict[str, float] = {"decode": 0.0, "solver": 0.0}
     for (file, line, func), row in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
         if "decode_capture" in func:
             cum["decode"] += row[3]  # cumulative time
-        elif (file, line) in entry:
+        elif (file, line) in solver:
             cum["solver"] += row[3]
     return {"total": total, **cum, "rest": total - cum["decode"] - cum["solver"]}
 

@@ -171,17 +171,14 @@ class Engine:
                 tokens = self.model.tokenize(reference_text(), True, False)[: min(_NORM_TOKENS, self.n_ctx - 1)]
                 layers = list(range(1, self.n_layer))
                 n = len(tokens)
-                with self.call():  # clears the cache after: capture-only leaves no logits
+                # call() ends by turning capture off and clearing the cache (capture-only leaves no logits)
+                with self.call():
                     ctx = self.ctx
                     ctx.clear()  # the last call may have left sequences behind
                     ctx.set_capture_layers(layers)
-                    try:
-                        # capture-only: every token's rows, no LM head (a fresh extract pays this)
-                        batch = _core.BatchTokens(tokens, list(range(n)), [0] * n, [1] * n)
-                        rows = np.asarray(ctx.decode_capture(batch, n, logits=False), dtype=np.float32)
-                    finally:
-                        if not self.closed:
-                            ctx.set_capture_layers([])
+                    # capture-only: every token's rows, no LM head (a fresh extract pays this)
+                    batch = _core.BatchTokens(tokens, list(range(n)), [0] * n, [1] * n)
+                    rows = np.asarray(ctx.decode_capture(batch, n, logits=False), dtype=np.float32)
                 norms = np.linalg.norm(rows[1:].astype(np.float64), axis=-1).mean(axis=0)
                 # float32, as a vector file stores them: recorded and measured norms agree exactly
                 self._norms = {k: float(np.float32(v)) for k, v in zip(layers, norms)}

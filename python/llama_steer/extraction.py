@@ -506,8 +506,7 @@ def _decode_order(trie: _Trie, members: set[int], first_reader: dict[int, int]) 
     in order. Both sides of a pair come out together: decoded subtree by
     subtree instead, a group's prompts of one persona would all wait for the
     other persona's, rows piling up with the size of the group."""
-    unread = max(first_reader.values(), default=0) + 1  # nodes no prompt needs go last
-    return sorted(members, key=lambda n: (first_reader.get(n, unread), trie.depth[n]))
+    return sorted(members, key=lambda n: (first_reader.get(n, sys.maxsize), trie.depth[n]))  # unread nodes last
 
 
 class _NoBar:
