@@ -441,9 +441,7 @@ def _stream_rows(
                     del captured
                     bar.update(min(n_batch, len(nodes) - start))
         finally:
-            bar.close()
-            if not eng.closed:
-                ctx.set_capture_layers([])
+            bar.close()  # capture is turned off by the call's end
 
 
 def _leaves_in_prompt_order(trie: _Trie, reads: Sequence[Sequence[int]]) -> list[int]:
