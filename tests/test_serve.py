@@ -287,23 +287,30 @@ def test_errors_have_openai_shape(client: openai.OpenAI, server: str) -> None:
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_a_client_that_leaves_frees_its_sequence(server: str) -> None:
-    def metric(text: str, name: str) -> float:
-        return float(next(x for x in text.splitlines() if x.startswith(f"llama_steer_{name} ")).split()[1])
+def metric(text: str, name: str) -> float:
+    return float(next(x for x in text.splitlines() if x.startswith(f"llama_steer_{name} ")).split()[1])
 
+
+def wait_idle(url: str, headers: dict[str, str] | None = None) -> str:
+    """The server's metrics once no sequence is active (a client that left
+    is noticed within a poll, its sequence freed at the next step)."""
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = httpx.get(url + "/metrics", headers=headers).text
+        if metric(metrics, "active_sequences") == 0:
+            return metrics
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+
+
+def test_a_client_that_leaves_frees_its_sequence(server: str) -> None:
     before = metric(httpx.get(server + "/metrics").text, "generated_tokens_total")
     body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 400, "stream": True}
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break  # leave mid-stream
-    deadline = time.monotonic() + 30
-    while True:
-        metrics = httpx.get(server + "/metrics").text
-        if metric(metrics, "active_sequences") == 0:
-            break
-        assert time.monotonic() < deadline, metrics
-        time.sleep(0.05)
+    metrics = wait_idle(server)
     assert metric(metrics, "kv_reserved_tokens") == 0
     assert metric(metrics, "generated_tokens_total") - before < 200  # cancelled, not run to its 400 tokens
 
@@ -322,6 +329,7 @@ def test_queue_full_is_429_and_api_key(model_path: Path) -> None:
             next(lines)  # the first one is running
             busy = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, headers=auth)
             assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        wait_idle(url, auth)  # the stream's client has left: its slot comes back
         c = openai.OpenAI(base_url=url + "/v1", api_key="s3cret")
         assert c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
 
