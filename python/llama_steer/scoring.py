@@ -88,9 +88,16 @@ def pack(sizes: Sequence[Sequence[int]], limits: Sequence[int]) -> Iterator[rang
         yield range(start, len(sizes))
 
 
+# Every row of a ubatch attends over all the cells in use (other sequences'
+# masked), so a group's cost grows with its cache: packing groups up to 1k
+# cells scores 57 steered 92-token texts 20% faster than filling 8k.
+_GROUP_CELLS = 1024
+
+
 def _groups(jobs: Sequence[ScoreJob], n_seq: int, n_ctx: int) -> Iterator[range]:
     """Consecutive ranges of jobs that share one KV cache: at most ``n_seq``
-    continuations and ``n_ctx`` cells."""
+    continuations and ``_GROUP_CELLS`` cells (a job larger than that alone;
+    one larger than ``n_ctx`` is an error)."""
     for job in jobs:
         if len(job.continuations) > n_seq:
             raise ValueError(f"{len(job.continuations)} continuations of one prompt exceed n_seq_max {n_seq}")
@@ -98,7 +105,8 @@ def _groups(jobs: Sequence[ScoreJob], n_seq: int, n_ctx: int) -> Iterator[range]
             raise ContextOverflowError(
                 f"a prompt and its continuations hold {job.n_cells} tokens; the context holds {n_ctx}"
             )
-    return pack([(len(job.continuations), job.n_cells) for job in jobs], (n_seq, n_ctx))
+    cells = min(n_ctx, _GROUP_CELLS)
+    return pack([(len(job.continuations), job.n_cells) for job in jobs], (n_seq, cells))
 
 
 def score_jobs(
