@@ -7,7 +7,7 @@ from pathlib import Path
 import llama_steer as ls
 import numpy as np
 import pytest
-from llama_steer.plan import default_bands, measure
+from llama_steer.plan import SEARCH_START, default_bands, measure, probe_damage, search_strengths
 
 PROMPT = "How are you feeling today?"
 
@@ -128,6 +128,26 @@ def test_find_steering_picks_the_best_cell_within_the_bound(
     assert plan.plot(tmp_path / "plan.png").stat().st_size > 1000
 
 
+def test_find_steering_searches_each_bands_strength(model: ls.Model, happy: ls.ControlVector) -> None:
+    """Without a grid, each band is measured once, at the strength one damage
+    probe puts under the bound; the pick is the best of those within it."""
+    bands = [(8, 14), (22, 29)]
+    assert probe_damage(model, happy, [(bands[0], 0.0), (bands[1], -0.0)]) == [0.0, 0.0]
+    # the probe sees damage at its strength, and more of it at twice that
+    d1, d2 = probe_damage(model, happy, [(bands[1], SEARCH_START), (bands[1], 2 * SEARCH_START)])
+    assert 0 < d1 < d2
+    found = search_strengths(model, happy, bands)
+    assert all(0 < s < 4 * SEARCH_START + 1e-9 for s in found)
+    # a looser bound lets every band go at least as hard
+    assert all(a <= b for a, b in zip(found, search_strengths(model, happy, bands, max_damage=0.3)))
+    plan = ls.find_steering(model, happy, "happy", bands=bands, max_items=2)
+    assert [(c.layers, c.relative_strength) for c in plan.table] == list(zip(bands, found))
+    allowed = [c for c in plan.table if c.damage <= plan.max_damage]
+    if allowed:
+        assert plan.effect == max(c.effect for c in allowed)
+    assert "strength" in plan.as_table() and "*" in plan.as_table()
+
+
 def test_find_steering_refuses_bad_input(model: ls.Model, happy: ls.ControlVector) -> None:
     with pytest.raises(ValueError, match="no items|no pairs"):
         ls.find_steering(model, happy, [], bands=[(8, 21)])
@@ -139,6 +159,8 @@ def test_find_steering_refuses_bad_input(model: ls.Model, happy: ls.ControlVecto
         ls.find_steering(model, happy, "happy", bands=[(8, 21)], strengths=[0.0])
     with pytest.raises(ValueError, match="positive"):
         ls.find_steering(model, happy, "happy", bands=[(8, 21)], strengths=[-0.1])
+    with pytest.raises(ValueError, match="max_damage"):
+        ls.find_steering(model, happy, "happy", bands=[(8, 21)], max_damage=0)
     with pytest.raises(ValueError, match="no direction"):
         ls.find_steering(model, happy.select([10, 11]), "happy", bands=[(8, 21)])
 

@@ -24,6 +24,7 @@ from . import rpc
 from .actadd import ActAdd
 from .errors import LlamaSteerError
 from .model import Model
+from .plan import DEFAULT_ITEMS
 from .steer import Steer
 from .vectors import ControlVector
 from .weights import MODELS, default_model_path
@@ -790,9 +791,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("find", help="measure effect and damage over layer bands x strengths; print the plan")
     p.add_argument("--vector", required=True, metavar="FILE", help="control vector GGUF")
     p.add_argument("--dataset", default="happy", help="held-out A/B items: CAA-format JSON or a bundled name")
-    p.add_argument("--strengths", type=parse_strengths, default=None, metavar="S,S,...", help="relative, positive")
+    p.add_argument(
+        "--strengths",
+        type=parse_strengths,
+        default=None,
+        metavar="S,S,...",
+        help="a grid of relative strengths to measure in every band (default: search each band's strength)",
+    )
     p.add_argument("--max-damage", type=float, default=0.10, help="bound on the NLL increase (default 0.10)")
-    p.add_argument("--max-items", type=int, default=12, help="A/B items per cell (default 12)")
+    p.add_argument("--max-items", type=int, default=DEFAULT_ITEMS, help=f"A/B items per cell (default {DEFAULT_ITEMS})")
     p.add_argument("--plot", help="write the effect heat map PNG")
     _add_model_args(p)
     p.set_defaults(func=cmd_find)

@@ -16,11 +16,15 @@ Strengths are relative (``Steer(..., unit="relative")``: a fraction of the
 model's residual norm at each layer), so a plan carries across models. Every
 cell is scored in the same batched passes (:func:`~llama_steer.scoring.score_jobs`):
 each question is decoded once, unsteered, and every cell's two replies branch
-off it, steered on the reply's tokens (and the question's last token). That
-makes a cell cost its replies only (the default 7 x 4 grid on the bundled
-SmolLM2: about 65 s on 2 cores, against about 10x that when every cell
-decoded its questions again); the LM head over every reply token is now
-most of the cost.
+off it, steered on the reply's tokens (and the question's last token).
+
+Damage grows with strength and effect with it, so the best cell of a band is
+the strongest one within the damage bound: by default each band gets one
+cell, at the strength two damage probes (one sign, the reference text only)
+put just under the bound, instead of a grid of strengths most of whose
+cells are either weak or over the bound. On the bundled SmolLM2 that is
+7 bands for ~2.4k scored tokens (~9 s on 2 cores) where the 7 x 4 grid
+scored ~16k (~60 s).
 """
 
 from __future__ import annotations
@@ -43,10 +47,18 @@ from .vectors import FIRST_LAYER, ControlVector
 if TYPE_CHECKING:
     from .model import Model
 
-DEFAULT_STRENGTHS = (0.02, 0.04, 0.08, 0.16)  # relative: a geometric grid
+GRID_STRENGTHS = (0.02, 0.04, 0.08, 0.16)  # relative: a geometric grid (find_steering(strengths=...))
 DEFAULT_MAX_DAMAGE = 0.10  # NLL of the reference text up by at most 10%
-DEFAULT_ITEMS = 12  # held-out A/B items scored per cell
-REFERENCE_TOKENS = 96  # tokens of the reference text whose NLL is the damage
+DEFAULT_ITEMS = 6  # held-out A/B items scored per cell
+REFERENCE_TOKENS = 64  # tokens of the reference text whose NLL is the damage
+PROBE_TOKENS = 32  # ... of which a search's probes read the first (they only aim)
+# The search for each band's strength (find_steering without a grid): probe
+# the damage at SEARCH_START, and measure the cell at the strength a power
+# law puts at SEARCH_TARGET of the bound (the measurement decides whether it
+# is within).
+SEARCH_START = 0.08
+SEARCH_TARGET = 0.75
+_SEARCHED = "at its strength"  # the one column of a table whose bands were searched
 # Questions with no mood of their own, for looking at steered answers
 # (benchmarks/find_steering.py, tests/test_bake.py).
 NEUTRAL_QUESTIONS = (
@@ -90,23 +102,33 @@ class SteeringPlan:
         """The chosen steering (``sign=-1`` steers the other way)."""
         return Steer(self.vector, sign * self.relative_strength, layers=self.layers, unit="relative")
 
-    def _grid(self) -> tuple[list[tuple[int, int]], list[float], dict[tuple[tuple[int, int], float], PlanCell]]:
-        """The table as bands, strengths and (band, strength) -> cell."""
+    def _layout(self) -> tuple[list[tuple[int, int]], list[str], list[list[PlanCell | None]]]:
+        """The table as rows of bands and columns: the strengths of a grid, or
+        one column when each band was measured at its own strength."""
         bands = sorted({c.layers for c in self.table})
         strengths = sorted({c.relative_strength for c in self.table})
-        return bands, strengths, {(c.layers, c.relative_strength): c for c in self.table}
+        by_cell = {(c.layers, c.relative_strength): c for c in self.table}
+        if len(by_cell) == len(bands) * len(strengths):
+            return bands, [f"{x:g}" for x in strengths], [[by_cell[(b, x)] for x in strengths] for b in bands]
+        per_band = {c.layers: c for c in self.table}
+        return bands, [_SEARCHED], [[per_band[b]] for b in bands]
+
+    def _is_chosen(self, c: PlanCell) -> bool:
+        return c.layers == (self.layers[0], self.layers[-1]) and c.relative_strength == self.relative_strength
 
     def as_table(self) -> str:
         """Every cell, effect and damage, the chosen one marked."""
-        bands, strengths, cells = self._grid()
-        head = "layers   " + "".join(f"{s:>16g}" for s in strengths)
-        lines = [f"effect (log-odds) / damage (NLL +%), relative strengths; bound {100 * self.max_damage:.0f}%", head]
-        chosen = (self.layers[0], self.layers[-1]), self.relative_strength
-        for b in bands:
+        bands, columns, rows = self._layout()
+        bound = f"bound {100 * self.max_damage:.0f}%"
+        lines = [f"effect (log-odds) / damage (NLL +%), relative strengths; {bound}"]
+        searched = columns == [_SEARCHED]
+        lines.append("layers   " + (f"{'strength':>10}{'':>16}" if searched else "".join(f"{x:>16}" for x in columns)))
+        for b, cells in zip(bands, rows):
             row = f"{b[0]:>2}-{b[1]:<5}"
-            for s in strengths:
-                c = cells[(b, s)]
-                mark = "*" if (b, s) == chosen else ("!" if c.damage > self.max_damage else " ")
+            for c in cells:
+                assert c is not None
+                mark = "*" if self._is_chosen(c) else ("!" if c.damage > self.max_damage else " ")
+                row += f"{c.relative_strength:>10.3g}" if searched else ""
                 row += f"{c.effect:>8.2f} /{100 * c.damage:>5.1f}%{mark}"
             lines.append(row)
         lines.append("* chosen   ! over the damage bound")
@@ -114,34 +136,35 @@ class SteeringPlan:
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """A heat map of effect over (band, strength) with the cells over the
-        damage bound hatched; returns the path."""
+        damage bound hatched (one column, each cell labelled with its
+        strength, when each band was searched); returns the path."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.patches import Rectangle
 
-        bands, strengths, cells = self._grid()
-        eff = np.array([[cells[(b, s)].effect for s in strengths] for b in bands])
-        fig, ax = plt.subplots(figsize=(1.4 * len(strengths) + 2.5, 0.45 * len(bands) + 1.8))
+        bands, columns, rows = self._layout()
+        eff = np.array([[c.effect if c is not None else np.nan for c in cells] for cells in rows])
+        fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 2.5, 0.45 * len(bands) + 1.8))
         im = ax.imshow(eff, cmap="viridis", aspect="auto")
-        for i, b in enumerate(bands):
-            for j, s in enumerate(strengths):
-                c = cells[(b, s)]
+        for i, cells in enumerate(rows):
+            for j, c in enumerate(cells):
+                assert c is not None
                 over = c.damage > self.max_damage
                 if over:
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="red", lw=0))
-                chosen = (b, s) == ((self.layers[0], self.layers[-1]), self.relative_strength)
+                label = f"{c.effect:.2f}" + (f" @{c.relative_strength:.3g}" if columns == [_SEARCHED] else "")
                 ax.text(
                     j,
                     i,
-                    f"{c.effect:.2f}" + (" *" if chosen else ""),
+                    label + (" *" if self._is_chosen(c) else ""),
                     ha="center",
                     va="center",
                     color="white" if not over else "red",
                     fontsize=8,
                 )
-        ax.set_xticks(range(len(strengths)), [f"{s:g}" for s in strengths])
+        ax.set_xticks(range(len(columns)), columns)
         ax.set_yticks(range(len(bands)), [f"{b[0]}-{b[1]}" for b in bands])
         ax.set_xlabel("relative strength (fraction of the residual norm)")
         ax.set_ylabel("layers")
@@ -202,15 +225,11 @@ def measure(
             chunk = steers[k : k + per_job]
             conts = [c for _ in chunk for c in branches]
             jobs.append(ScoreJob(head[:-1], conts, (), [st for st in chunk for _ in branches]))
-    # Reference: a short head as the prompt, the rest scored token by token,
-    # steered everywhere, as in generation.
-    ref_tokens = model.tokenize(reference or reference_text(), add_special=True)[:REFERENCE_TOKENS]
-    if len(ref_tokens) < 8:
-        raise ValueError("the reference text is too short (fewer than 8 tokens)")
+    ref_tokens = _reference_tokens(model, reference)
     n_item_jobs = len(jobs)
     for st in steers:
         everywhere = [Steer(x.vector, x.strength, layers=x.layers, unit=x.unit) for x in st]
-        jobs.append(ScoreJob(ref_tokens[:4], [ref_tokens[4:]], everywhere))
+        jobs.append(_reference_job(ref_tokens, everywhere))
     scored = score_jobs(model, jobs)
     # log-odds per (steer, item): the jobs of an item hold its steers in order
     log_odds = np.empty((len(steers), len(items)))
@@ -226,6 +245,67 @@ def measure(
         damage = float(max(nll[plus], nll[minus]) / nll[0] - 1)
         table.append(PlanCell(band, s, (up - down) / 2, damage, up, down))
     return table
+
+
+def _reference_tokens(model: Model, reference: str | None, n: int = REFERENCE_TOKENS) -> list[int]:
+    tokens = model.tokenize(reference or reference_text(), add_special=True)[:n]
+    if len(tokens) < 8:
+        raise ValueError("the reference text is too short (fewer than 8 tokens)")
+    return tokens
+
+
+def _reference_job(tokens: Sequence[int], steers: list[Steer]) -> ScoreJob:
+    """A short head as the prompt, the rest scored token by token, steered
+    everywhere, as in generation."""
+    return ScoreJob(tokens[:4], [tokens[4:]], steers)
+
+
+def probe_damage(
+    model: Model,
+    vector: ControlVector,
+    cells: Sequence[tuple[tuple[int, int], float]],
+    reference: str | None = None,
+    n_tokens: int = PROBE_TOKENS,
+) -> list[float]:
+    """Damage of each ``(band, signed relative strength)`` cell alone (the
+    relative NLL increase of the reference text's first ``n_tokens``), in
+    one batched pass: the cheap half of :func:`measure`, for searching
+    strengths (:func:`measure` reads :data:`REFERENCE_TOKENS`)."""
+    tokens = _reference_tokens(model, reference, n_tokens)
+    jobs = [_reference_job(tokens, [])]
+    for (a, b), st in cells:
+        jobs.append(_reference_job(tokens, [Steer(vector, st, layers=range(a, b + 1), unit="relative")]))
+    nll = [-float(job[0].mean()) for job in score_jobs(model, jobs)]
+    return [x / nll[0] - 1 for x in nll[1:]]
+
+
+def search_strengths(
+    model: Model,
+    vector: ControlVector,
+    bands: Sequence[tuple[int, int]],
+    *,
+    max_damage: float = DEFAULT_MAX_DAMAGE,
+    reference: str | None = None,
+) -> list[float]:
+    """Per band, the relative strength where damage reaches
+    :data:`SEARCH_TARGET` of ``max_damage`` by a power law through one probe
+    at :data:`SEARCH_START` (the worse sign). The probe sits where every
+    band's damage is well above float noise (small strengths move a
+    quantized model's NLL either way); the exponents, measured on the
+    bundled models near the bound (1.1 to 2.5), are taken at their
+    cautious ends: 1.5 going down, 2.5 going up."""
+    target = SEARCH_TARGET * max_damage
+    s0 = SEARCH_START
+    both = probe_damage(model, vector, [(band, sign * s0) for band in bands for sign in (1.0, -1.0)], reference)
+    out = []
+    for k in range(len(bands)):
+        d = max(both[2 * k], both[2 * k + 1])
+        if d <= 0:
+            out.append(s0 * 4)
+            continue
+        power = 1.5 if d > target else 2.5
+        out.append(float(f"{np.clip(s0 * (target / d) ** (1 / power), s0 / 16, s0 * 4):.3g}"))
+    return out
 
 
 def find_steering(
@@ -246,8 +326,10 @@ def find_steering(
     ``pairs``: held-out A/B items (an :class:`ABDataset`, a bundled name such
     as ``"happy"``, a path; not what the vector was extracted from), the first
     ``max_items`` used. ``bands``: ``(first, last)`` layer ranges (default:
-    :func:`default_bands`). ``strengths``: positive relative strengths
-    (default :data:`DEFAULT_STRENGTHS`); each is measured at + and -.
+    :func:`default_bands`). ``strengths``: positive relative strengths, a
+    grid measured in every band (e.g. :data:`GRID_STRENGTHS`), each at +
+    and -; by default each band is measured once, at the strength
+    :func:`search_strengths` finds just under the damage bound.
     ``reference``: the neutral text for damage (default: the bundled one).
     Raises ``ValueError`` for empty pairs, bands outside the model or the
     vector, or a non-positive strength.
@@ -258,9 +340,11 @@ def find_steering(
     items = list(_as_dataset(pairs))[: max_items if max_items is not None else None]
     if not items:
         raise ValueError("no pairs to measure the effect on")
-    grid = [float(s) for s in (strengths if strengths is not None else DEFAULT_STRENGTHS)]
-    if not grid or any(not np.isfinite(s) or s <= 0 for s in grid):
+    grid = None if strengths is None else [float(s) for s in strengths]
+    if grid is not None and (not grid or any(not np.isfinite(s) or s <= 0 for s in grid)):
         raise ValueError(f"strengths must be positive and finite (each is tried at + and -), got {grid}")
+    if not np.isfinite(max_damage) or max_damage <= 0:
+        raise ValueError(f"max_damage must be a positive fraction, got {max_damage}")
     band_list = [(int(a), int(b)) for a, b in (bands if bands is not None else default_bands(model.n_layer))]
     if not band_list:
         raise ValueError("no layer bands to try")
@@ -271,7 +355,12 @@ def find_steering(
         if missing:
             raise ValueError(f"band {a}-{b}: the vector has no direction at layers {missing}")
     norms = model.residual_norms()
-    table = measure(model, vector, items, [(band, s) for band in band_list for s in grid], reference=reference)
+    if grid is None:
+        found = search_strengths(model, vector, band_list, max_damage=max_damage, reference=reference)
+        cells = list(zip(band_list, found))
+    else:
+        cells = [(band, s) for band in band_list for s in grid]
+    table = measure(model, vector, items, cells, reference=reference)
     ok = [c for c in table if c.damage <= max_damage] or [min(table, key=lambda c: c.damage)]
     best = max(ok, key=lambda c: c.effect)
     layers = tuple(range(best.layers[0], best.layers[1] + 1))
