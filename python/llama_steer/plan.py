@@ -22,9 +22,9 @@ Damage grows with strength and effect with it, so the best cell of a band is
 the strongest one within the damage bound: by default each band gets one
 cell, at the strength two damage probes (one sign, the reference text only)
 put just under the bound, instead of a grid of strengths most of whose
-cells are either weak or over the bound. On the bundled SmolLM2 that is
-7 bands for ~2.4k scored tokens (~9 s on 2 cores) where the 7 x 4 grid
-scored ~16k (~60 s).
+cells are either weak or over the bound. On the bundled SmolLM2: 7 bands,
+~2k scored tokens, ~10 s on 2 cores, where a 7 x 4 grid on 12 items
+scored ~15k tokens in ~60 s.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 GRID_STRENGTHS = (0.02, 0.04, 0.08, 0.16)  # relative: a geometric grid (find_steering(strengths=...))
 DEFAULT_MAX_DAMAGE = 0.10  # NLL of the reference text up by at most 10%
 DEFAULT_ITEMS = 6  # held-out A/B items scored per cell
-REFERENCE_TOKENS = 64  # tokens of the reference text whose NLL is the damage
-PROBE_TOKENS = 32  # ... of which a search's probes read the first (they only aim)
+REFERENCE_TOKENS = 48  # tokens of the reference text whose NLL is the damage
+PROBE_TOKENS = 24  # ... of which a search's probes read the first (they only aim)
 # The search for each band's strength (find_steering without a grid): probe
 # the damage at SEARCH_START, and measure the cell at the strength a power
 # law puts at SEARCH_TARGET of the bound (the measurement decides whether it
