@@ -17,7 +17,7 @@ import argparse
 import time
 
 import llama_steer as ls
-from paired import median, ratio, rounds
+from paired import rate_line, rounds
 from upstream import llama_bench_tg
 
 PROMPT = "Once upon a time"
@@ -65,15 +65,9 @@ def bench_model(name: str, threads: int, tokens: int, reps: int) -> None:
             reps,
         )
     print(f"{path.name} (decode graph: {ops} computing nodes)")
-    print(f"  llama-bench tg{tokens}           {median(res, 'llama-bench'):7.1f} tok/s")
-    print(
-        f"  Model.generate (greedy)     {median(res, 'generate'):7.1f} tok/s   "
-        f"ratio {ratio(res, 'generate', 'llama-bench')}  (target >= 0.97)"
-    )
-    print(
-        f"  decode_step loop            {median(res, 'decode_step'):7.1f} tok/s   "
-        f"ratio {ratio(res, 'decode_step', 'llama-bench')}"
-    )
+    print(rate_line(f"  llama-bench tg{tokens}", res, "llama-bench"))
+    print(rate_line("  Model.generate (greedy)", res, "generate", "llama-bench", 0.97))
+    print(rate_line("  decode_step loop", res, "decode_step", "llama-bench"))
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import time
 import llama_steer as ls
 import numpy as np
 from llama_steer.steer import apply_steering
-from paired import median, ratio, rounds
+from paired import rate_line, rounds
 
 
 def random_vector(model: ls.Model, seed: int = 0, norm: float = 2.0) -> ls.ControlVector:
@@ -167,25 +167,16 @@ def bench_model(name: str, threads: int, reps: int, bursts: int) -> None:
         )
     print(f"{path.name}: decode step graph {ops['unsteered']} computing nodes unsteered, {ops['steered']} steered")
     print("  1 sequence, 128 greedy tokens:")
-    print(f"    unsteered                  {median(one, 'unsteered'):7.1f} tok/s")
-    print(
-        f"    vector on all {n_steered:2d} layers   {median(one, 'all layers'):7.1f} tok/s   "
-        f"ratio {ratio(one, 'all layers', 'unsteered')}  (target >= 0.98)"
-    )
-    print(
-        f"    new strength every token   {median(one, 'schedule'):7.1f} tok/s   "
-        f"ratio {ratio(one, 'schedule', 'unsteered')}"
-    )
+    print(rate_line("    unsteered", one, "unsteered"))
+    print(rate_line(f"    vector on all {n_steered:2d} layers", one, "all layers", "unsteered", 0.98))
+    print(rate_line("    new strength every token", one, "schedule", "unsteered"))
     print(
         f"  decode steps, {bursts} alternating bursts of 16: steered/unsteered speed {burst[0]:.3f} "
         f"(interquartile {burst[1]:.3f}-{burst[2]:.3f})"
     )
     print("  8 sequences x 64 tokens (32-token prompts), aggregate decode:")
-    print(f"    unsteered                  {median(eight, 'unsteered'):7.1f} tok/s")
-    print(
-        f"    each its own strength      {median(eight, 'own strengths'):7.1f} tok/s   "
-        f"ratio {ratio(eight, 'own strengths', 'unsteered')}  (target >= 0.95)"
-    )
+    print(rate_line("    unsteered", eight, "unsteered"))
+    print(rate_line("    each its own strength", eight, "own strengths", "unsteered", 0.95))
 
 
 def main() -> None:

@@ -39,3 +39,16 @@ def ratio(results: dict[str, list[float]], num: str, den: str) -> Ratio:
 
 def median(results: dict[str, list[float]], key: str) -> float:
     return statistics.median(results[key])
+
+
+def rate_line(
+    label: str, results: dict[str, list[float]], key: str, base: str | None = None, target: float | None = None
+) -> str:
+    """One row of a tokens/s table: ``key``'s median and, given ``base``,
+    the paired ratio to it (and the target it is held to)."""
+    line = f"{label:<31}{median(results, key):7.1f} tok/s"
+    if base is not None:
+        line += f"   ratio {ratio(results, key, base)}"
+    if target is not None:
+        line += f"  (target >= {target:g})"
+    return line
