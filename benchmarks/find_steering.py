@@ -71,13 +71,20 @@ def main() -> int:
     args = ap.parse_args()
 
     vader = SentimentIntensityAnalyzer()
+
+    def compound(text: str) -> float:
+        return float(vader.polarity_scores(text)["compound"])
+
     with ls.Model(ls.default_model_path(args.model), n_ctx=8192, n_threads=args.threads) as model:
         vec = ls.extract(model, ls.persona_pairs(model, "happy"), progress=False)
         model.residual_norms()  # measured once per model; not part of either timing
 
+        def chat(q: str) -> str:
+            return model.apply_chat_template([{"role": "user", "content": q}])
+
         def generate(runs: list[Run], questions: tuple[str, ...]) -> dict[Run, list[str]]:
             """Greedy answers to ``questions`` at each (band, signed strength)."""
-            prompts = [model.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+            prompts = [chat(q) for q in questions]
             texts: dict[Run, list[str]] = {}
             seqs = [(run, q) for run in runs for q in range(len(prompts))]
             chunk = 60  # sequences per batch (n_seq_max 64)
@@ -105,12 +112,7 @@ def main() -> int:
         cells = [(b, s) for b in bands for s in GRID_STRENGTHS]
         t0 = time.perf_counter()
         texts = generate(signed(cells), QUESTIONS)
-        base = [
-            model.complete(
-                model.apply_chat_template([{"role": "user", "content": q}]), max_tokens=args.max_tokens, temperature=0
-            )
-            for q in QUESTIONS
-        ]
+        base = [model.complete(chat(q), max_tokens=args.max_tokens, temperature=0) for q in QUESTIONS]
         t_sweep = time.perf_counter() - t0
         texts.update(generate(signed([chosen]), QUESTIONS))
         # the grid's damage as the plan measures it (untimed)
@@ -118,7 +120,7 @@ def main() -> int:
         damage = {c: max(probes[2 * k], probes[2 * k + 1]) for k, c in enumerate(cells)}
 
         def score(ts: list[str]) -> float:
-            return float(np.mean([vader.polarity_scores(t)["compound"] for t in ts]))
+            return float(np.mean([compound(t) for t in ts]))
 
         sep = {(band, s): score(texts[(band, s)]) - score(texts[(band, -s)]) for band, s in [*cells, chosen]}
         print(f"model {args.model}; {len(QUESTIONS)} neutral questions, greedy, {args.max_tokens} tokens; VADER")
@@ -145,14 +147,13 @@ def main() -> int:
 
     def gap(c: Run) -> np.ndarray:
         plus, minus = fresh[(c[0], c[1])], fresh[(c[0], -c[1])]
-        return np.array(
-            [vader.polarity_scores(p)["compound"] - vader.polarity_scores(m)["compound"] for p, m in zip(plus, minus)]
-        )
+        return np.array([compound(p) - compound(m) for p, m in zip(plus, minus)])
 
-    diff = gap(chosen) - gap(best)
+    g_plan, g_best = gap(chosen), gap(best)
+    diff = g_plan - g_best
     print(
-        f"{len(CONFIRM_QUESTIONS)} fresh questions: plan {gap(chosen).mean():.2f}, "
-        f"sweep's best {gap(best).mean():.2f}; plan minus best {diff.mean():+.2f} "
+        f"{len(CONFIRM_QUESTIONS)} fresh questions: plan {g_plan.mean():.2f}, "
+        f"sweep's best {g_best.mean():.2f}; plan minus best {diff.mean():+.2f} "
         f"(standard error {diff.std(ddof=1) / np.sqrt(len(diff)):.2f})"
     )
     for sign in (1, -1):
